@@ -1,0 +1,104 @@
+"""A static, batched KV cache with per-row committed lengths."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Static K/V buffers, one committed length per row.
+
+    Invariant: slots [0, length) hold committed keys and values, always those of a *causal* pass,
+    exactly what an AR model would hold. A forward writes its T new entries to scratch slots
+    [length, length+T) and never moves `length`. Only decoders call `commit(n)` (keep the first n
+    scratch entries), `compact(keep, n)` (keep chosen scratch slots, for the quadratic mode) or
+    `truncate(n)`. The newest sampled token is not in the cache: it is the first input of the next
+    forward.
+
+    Slots are storage, not positions: the caller passes positions separately to the model.
+    Buffers: k[layer], v[layer] of shape (B, H_kv, capacity, D).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size < 1 or capacity < 1:
+            raise ValueError(f"KVCache needs batch_size >= 1 and capacity >= 1, got {batch_size}, {capacity}")
+        shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self._pending = 0  # T of the last forward: how many scratch slots hold fresh entries
+
+    # -- used by the model ----------------------------------------------------------------------
+    def begin(self, T: int) -> int:
+        """Check room for T scratch entries per row; return S, the number of key slots to read."""
+        end = int(self.length.max()) + T
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: a forward of {T} tokens needs {end} slots, capacity is {self.capacity}"
+            )
+        self._pending = T
+        return end
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new (B, H_kv, T, D) entries at each row's scratch slots; return keys/values [0, S)."""
+        B, _, T, _ = k.shape
+        slots = self.length[:, None] + torch.arange(T, device=k.device)[None, :]  # (B, T)
+        rows = torch.arange(B, device=k.device)[:, None].expand(B, T)
+        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v[layer].dtype)
+        return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+
+    # -- used by decoders -----------------------------------------------------------------------
+    def commit(self, n: torch.Tensor | int) -> None:
+        """Keep the first n[b] scratch entries of row b (n may differ per row, or be 0)."""
+        n = self._as_rows(n)
+        if bool((n < 0).any()) or bool((n > self._pending).any()):
+            raise ValueError(f"commit({n.tolist()}) outside the {self._pending} scratch entries written")
+        self.length += n
+
+    def compact(self, keep: torch.Tensor, n: torch.Tensor | int) -> None:
+        """Move chosen scratch entries to the front of scratch, then commit them.
+
+        keep: (B, K) indices into the last forward's T scratch entries, ascending per row; n: (B,)
+        how many of them each row commits (the rest of `keep` is ignored).
+        """
+        n = self._as_rows(n)
+        B, K = keep.shape
+        if K == 0:
+            return
+        if bool((keep < 0).any()) or bool((keep >= self._pending).any()):
+            raise ValueError("compact: indices outside the scratch entries of the last forward")
+        src = self.length[:, None] + keep  # (B, K) source slots
+        dst = self.length[:, None] + torch.arange(K, device=keep.device)[None, :]
+        rows = torch.arange(B, device=keep.device)[:, None].expand(B, K)
+        for buf in (*self.k, *self.v):
+            moved = buf[rows, :, src].clone()  # gather first: source and destination may overlap
+            buf[rows, :, dst] = moved
+        self.commit(n)
+
+    def truncate(self, n: torch.Tensor | int) -> None:
+        """Roll each row back to n[b] committed entries (n[b] <= current length)."""
+        n = self._as_rows(n)
+        if bool((n < 0).any()) or bool((n > self.length).any()):
+            raise ValueError(f"truncate({n.tolist()}) beyond committed lengths {self.length.tolist()}")
+        self.length = n.clone()
+
+    def _as_rows(self, n: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(n, int):
+            return torch.full_like(self.length, n)
+        n = n.to(self.length.device, torch.long)
+        if n.shape != self.length.shape:
+            raise ValueError(f"expected one count per row ({self.batch_size}), got shape {tuple(n.shape)}")
+        return n

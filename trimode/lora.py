@@ -1,0 +1,57 @@
+"""LoRA on named linears, selected per forward call.
+
+Every projection in the model is an `AdaptableLinear`: a bias-free linear that can hold several
+named low-rank adapters. Which one is active is an argument of the forward call (`adapter=`), so
+there is no global on/off state to forget to reset: the drafter runs with `adapter="draft"`, the
+verifier with `adapter=None`, in consecutive calls on the same module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRA(nn.Module):
+    """delta(x) = scale * B(A(x)), with A: (r, in) and B: (out, r); scale = alpha / r."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.r = r
+        self.alpha = float(alpha)
+        self.scale = self.alpha / r
+        self.A = nn.Parameter(torch.empty(r, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, r))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
+
+
+class AdaptableLinear(nn.Module):
+    """A bias-free linear whose weight is `.weight` (HF naming), plus optional named adapters."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.adapters = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if adapter is not None and adapter in self.adapters:
+            y = y + self.adapters[adapter](x)
+        return y
+
+    def add_adapter(self, name: str, r: int, alpha: float) -> LoRA:
+        lora = LoRA(self.in_features, self.out_features, r, alpha).to(
+            device=self.weight.device, dtype=self.weight.dtype
+        )
+        self.adapters[name] = lora
+        return lora

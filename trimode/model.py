@@ -1,0 +1,244 @@
+"""The Ministral3-family decoder used by every mode.
+
+The model knows masks, never modes: `forward(tokens, positions, mask=, cache=, adapter=)`. AR,
+diffusion and speculation differ only in which tokens go in, which mask is built and what is done
+with the logits; all of that lives in `trimode.decode`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .lora import AdaptableLinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (at least), as the HF reference does, then cast back.
+        dt = x.dtype
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dt)
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) and the cos/sin multiplier; plain RoPE or YaRN (arXiv 2309.00071)."""
+    dim = config.head_dim
+    base = config.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_extra = 1.0 / pos_freqs
+    y = config.yarn
+    if y is None:
+        return inv_extra, 1.0
+    inv_inter = 1.0 / (y.factor * pos_freqs)
+
+    def correction_dim(num_rot: float) -> float:
+        return (dim * math.log(y.original_max_position_embeddings / (num_rot * 2 * math.pi))) / (
+            2 * math.log(base)
+        )
+
+    low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
+    if y.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extra_factor = 1 - ramp  # 1 where we extrapolate (high frequencies), 0 where we interpolate
+    inv = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+    return inv, y.resolved_attention_factor()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.q_proj = AdaptableLinear(c.hidden_size, c.q_dim)
+        self.k_proj = AdaptableLinear(c.hidden_size, c.kv_dim)
+        self.v_proj = AdaptableLinear(c.hidden_size, c.kv_dim)
+        self.o_proj = AdaptableLinear(c.q_dim, c.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_scale: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        S: int,
+        adapter: str | None,
+    ) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        q = self.q_proj(x, adapter).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x, adapter).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x, adapter).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if q_scale is not None:
+            q = q * q_scale  # llama-4 query temperature, after RoPE, queries only
+        if cache is not None:
+            k, v = cache.write(layer, k, v, S)  # (B, H_kv, S, D)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(B, T, c.q_dim)
+        return self.o_proj(out, adapter)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = AdaptableLinear(config.hidden_size, config.intermediate_size)
+        self.up_proj = AdaptableLinear(config.hidden_size, config.intermediate_size)
+        self.down_proj = AdaptableLinear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, *args: object, adapter: str | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), *args, adapter)
+        return h + self.mlp(self.post_attention_layernorm(h), adapter)
+
+
+class Transformer(nn.Module):
+    """Embedding, N pre-norm blocks, final norm, output head (tied or untied)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else AdaptableLinear(config.hidden_size, config.vocab_size)
+        inv_freq, attn_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_attention_factor = attn_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        return KVCache(self.config, batch_size, capacity, dtype=self.dtype, device=self.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        adapter: str | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `tokens`.
+
+        tokens: (B, T) ids. positions: (B, T) absolute positions (RoPE); defaults to
+        cache.length + arange(T), or arange(T) without a cache. mask: bool (B, T, S) or (T, S)
+        over key slots (the cache's slots [0, S) when a cache is given, else the T tokens);
+        None means causal. cache: written at each row's scratch slots, never committed here.
+        adapter: name of the LoRA adapter active in this call (None: base weights).
+        logits_at: optional (B, n) indices into T; only those positions get the output head.
+        Returns (B, T, V) logits, or (B, n, V) with `logits_at`.
+        """
+        c = self.config
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("tokens must hold at least one position")
+        dev = self.device
+        tokens = tokens.to(dev)
+        if positions is None:
+            base = cache.length[:, None] if cache is not None else torch.zeros(B, 1, dtype=torch.long, device=dev)
+            positions = base + torch.arange(T, device=dev)[None, :]
+        positions = positions.to(dev)
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
+        if bool((positions >= c.max_seq_len).any()) or bool((positions < 0).any()):
+            raise ValueError(f"positions must lie in [0, {c.max_seq_len}) (max_seq_len)")
+        S = cache.begin(T) if cache is not None else T
+        if mask is None and cache is not None:
+            # Plain causal call on top of the cache.
+            from .masks import causal, with_prefix
+
+            mask = with_prefix(causal(T, device=dev), cache.length, S)
+        if mask is not None:
+            if mask.dim() == 2:
+                mask = mask.unsqueeze(0).expand(B, -1, -1)
+            if mask.shape != (B, T, S):
+                raise ValueError(f"mask must be (B, T, S) = {(B, T, S)}, got {tuple(mask.shape)}")
+            mask = mask.to(dev).unsqueeze(1)  # (B, 1, T, S), broadcast over heads
+
+        # Rotary tables in fp32, as in the reference, then cast to the activation dtype.
+        freqs = positions[..., None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dt = self.dtype
+        cos = (emb.cos() * self.rope_attention_factor).to(dt)[:, None]  # (B, 1, T, D)
+        sin = (emb.sin() * self.rope_attention_factor).to(dt)[:, None]
+        q_scale = None
+        if c.llama4_scaling_beta is not None:
+            s = 1 + c.llama4_scaling_beta * torch.log1p(torch.floor(positions.float() / c.llama4_original_max))
+            q_scale = s.to(dt)[:, None, :, None]  # (B, 1, T, 1)
+
+        x = self.embed_tokens(tokens)  # (B, T, hidden)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, q_scale, mask, cache, i, S, adapter=adapter)
+        if logits_at is not None:
+            idx = logits_at.to(dev)
+            x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, hidden)
+        x = self.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.embed_tokens.weight)
+        return self.lm_head(x, adapter)
+
+
+def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Transformer:
+    """Seeded normal init (N(0, std), norms at 1) using a private generator: no global RNG touched."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif ".adapters." in name:
+                continue
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
