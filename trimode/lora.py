@@ -43,10 +43,15 @@ class AdaptableLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.adapters = nn.ModuleDict()
 
-    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, adapter: str | None = None, gate: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (..., in). gate: optional (..., 1) 0/1 weights choosing the tokens the adapter acts on,
+        so one fused forward can run drafted tokens with the adapter and verified tokens without."""
         y = F.linear(x, self.weight)
         if adapter is not None and adapter in self.adapters:
-            y = y + self.adapters[adapter](x)
+            delta = self.adapters[adapter](x)
+            y = y + (delta if gate is None else delta * gate)
         return y
 
     def add_adapter(self, name: str, r: int, alpha: float) -> LoRA:

@@ -86,12 +86,13 @@ class Attention(nn.Module):
         layer: int,
         S: int,
         adapter: str | None,
+        gate: torch.Tensor | None,
     ) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q = self.q_proj(x, adapter).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x, adapter).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x, adapter).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = self.q_proj(x, adapter, gate).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x, adapter, gate).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x, adapter, gate).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, c.q_dim)
-        return self.o_proj(out, adapter)
+        return self.o_proj(out, adapter, gate)
 
 
 class MLP(nn.Module):
@@ -113,8 +114,9 @@ class MLP(nn.Module):
         self.up_proj = AdaptableLinear(config.hidden_size, config.intermediate_size)
         self.down_proj = AdaptableLinear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+    def forward(self, x: torch.Tensor, adapter: str | None, gate: torch.Tensor | None) -> torch.Tensor:
+        a = F.silu(self.gate_proj(x, adapter, gate)) * self.up_proj(x, adapter, gate)
+        return self.down_proj(a, adapter, gate)
 
 
 class Block(nn.Module):
@@ -125,9 +127,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, *args: object, adapter: str | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), *args, adapter)
-        return h + self.mlp(self.post_attention_layernorm(h), adapter)
+    def forward(
+        self, x: torch.Tensor, *args: object, adapter: str | None, gate: torch.Tensor | None
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), *args, adapter, gate)
+        return h + self.mlp(self.post_attention_layernorm(h), adapter, gate)
 
 
 class Transformer(nn.Module):
@@ -155,6 +159,19 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def adapter_names(self) -> set[str]:
+        return adapter_names(self)
+
+    def add_adapter(self, name: str, *, targets: tuple[str, ...] = ("o_proj",), r: int = 8, alpha: float = 16.0) -> None:
+        """Attach a fresh LoRA named `name` to every linear whose name ends with one of `targets`."""
+        hit = 0
+        for mod_name, m in self.named_modules():
+            if isinstance(m, AdaptableLinear) and mod_name.split(".")[-1] in targets:
+                m.add_adapter(name, r, alpha)
+                hit += 1
+        if hit == 0:
+            raise ValueError(f"no linear named {targets} to attach adapter {name!r} to")
+
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, dtype=self.dtype, device=self.device)
 
@@ -166,6 +183,7 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         adapter: str | None = None,
+        adapter_tokens: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens`.
@@ -175,6 +193,8 @@ class Transformer(nn.Module):
         over key slots (the cache's slots [0, S) when a cache is given, else the T tokens);
         None means causal. cache: written at each row's scratch slots, never committed here.
         adapter: name of the LoRA adapter active in this call (None: base weights).
+        adapter_tokens: optional bool (B, T): the adapter acts only on these tokens (others use the
+        base weights), for fused forwards that mix drafted and verified tokens.
         logits_at: optional (B, n) indices into T; only those positions get the output head.
         Returns (B, T, V) logits, or (B, n, V) with `logits_at`.
         """
@@ -218,16 +238,21 @@ class Transformer(nn.Module):
             s = 1 + c.llama4_scaling_beta * torch.log1p(torch.floor(positions.float() / c.llama4_original_max))
             q_scale = s.to(dt)[:, None, :, None]  # (B, 1, T, 1)
 
+        gate = None
+        if adapter is not None and adapter_tokens is not None:
+            gate = adapter_tokens.to(device=dev, dtype=dt)[..., None]  # (B, T, 1)
         x = self.embed_tokens(tokens)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, q_scale, mask, cache, i, S, adapter=adapter)
+            x = layer(x, cos, sin, q_scale, mask, cache, i, S, adapter=adapter, gate=gate)
         if logits_at is not None:
             idx = logits_at.to(dev)
             x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, hidden)
+            if gate is not None:
+                gate = torch.gather(gate, 1, idx[..., None])
         x = self.norm(x)
         if self.lm_head is None:
             return F.linear(x, self.embed_tokens.weight)
-        return self.lm_head(x, adapter)
+        return self.lm_head(x, adapter, gate)
 
 
 def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Transformer:
@@ -242,3 +267,12 @@ def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Tra
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def adapter_names(model: Transformer) -> set[str]:
+    """Names of the LoRA adapters attached anywhere in the model."""
+    names: set[str] = set()
+    for m in model.modules():
+        if isinstance(m, AdaptableLinear):
+            names.update(m.adapters.keys())
+    return names

@@ -1,0 +1,145 @@
+"""Decoding: one registry of modes, one `generate`, one `stream`.
+
+Modes differ only in which tokens go into the model, which mask is built and what is done with the
+logits. Each mode module exposes `run(model, rows, cfg) -> Iterator[Step]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from . import ar, diffusion, linear, quadratic
+from .common import FORWARD_KINDS, PREFILL, DecodeConfig, DraftOverride, Rows, Step
+from .stats import row_stats
+
+
+class Mode(str, Enum):
+    AR = "ar"
+    DIFFUSION = "diffusion"
+    LINEAR = "linear"
+    QUADRATIC = "quadratic"
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"unknown mode {value!r}; choose one of {', '.join(m.value for m in cls)}"
+            ) from None
+
+
+REGISTRY = {
+    Mode.AR: ar.run,
+    Mode.DIFFUSION: diffusion.run,
+    Mode.LINEAR: linear.run,
+    Mode.QUADRATIC: quadratic.run,
+}
+NEEDS_MASK = (Mode.DIFFUSION, Mode.LINEAR, Mode.QUADRATIC)
+
+
+@dataclass
+class Generation:
+    """New tokens of one prompt (EOS / stop token excluded) and its counters."""
+
+    tokens: list[int]
+    nfe: int
+    finish_reason: str
+    stats: dict = field(default_factory=dict)
+
+
+def _validate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], mode: Mode, max_new_tokens: int) -> None:
+    c = model.config
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
+            raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p!r:.60}")
+        bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < c.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {c.vocab_size}): {bad[:5]}")
+        if len(p) + max_new_tokens > c.max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"context of {c.max_seq_len} tokens"
+            )
+    if mode in NEEDS_MASK and c.mask_token_id is None:
+        raise ValueError(f"mode {mode.value!r} needs a mask token, but the model config has mask_token_id=None")
+
+
+def prepare(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    mode: str | Mode,
+    max_new_tokens: int,
+    block_len: int = 32,
+    threshold: float | None = 0.9,
+    steps: int | None = None,
+    stop: Sequence[int] | None = None,
+    eos_id: int | None = None,
+    draft_adapter: str | None = "draft",
+    draft_override: DraftOverride | None = None,
+) -> tuple[Mode, DecodeConfig, Rows]:
+    """Validate a request and build its config and row state (raises ValueError on bad input)."""
+    m = Mode.parse(mode)
+    cfg = DecodeConfig(
+        max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
+        stop=tuple(stop or ()), eos_id=eos_id, draft_adapter=draft_adapter, draft_override=draft_override,
+    )
+    _validate(model, prompts, m, max_new_tokens)
+    eos = eos_id if eos_id is not None else model.config.eos_token_id
+    stop_ids = set(cfg.stop) | ({eos} if eos is not None else set())
+    return m, cfg, Rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+
+
+def run(model: torch.nn.Module, mode: Mode, cfg: DecodeConfig, rows: Rows) -> Iterator[Step]:
+    """Drive a prepared request: one `Step` per forward; tokens and counters accumulate in `rows`."""
+    with torch.inference_mode():
+        yield from REGISTRY[mode](model, rows, cfg)
+
+
+def generations(rows: Rows, mode: Mode) -> list[Generation]:
+    out = []
+    for b in range(rows.size):
+        st = row_stats(rows.trace[b], len(rows.tokens[b]), mode=mode.value)
+        out.append(Generation(rows.tokens[b], st["nfe"], rows.finish_reason[b] or "length", st))
+    return out
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    mode: str | Mode,
+    max_new_tokens: int,
+    block_len: int = 32,
+    threshold: float | None = 0.9,
+    stop: Sequence[int] | None = None,
+    eos_id: int | None = None,
+    **options: object,
+) -> list[Generation]:
+    """Decode every prompt (a list of token-id lists; ragged lengths are fine) in one batch.
+
+    mode: "ar", "diffusion", "linear" or "quadratic". block_len: diffusion block / draft length.
+    threshold: diffusion confidence threshold (None: even schedule over `steps`). stop: extra stop
+    token ids. eos_id: defaults to the model's. Greedy decoding. Other options: steps,
+    draft_adapter (name of the LoRA used in draft passes, default "draft" when present),
+    draft_override (a hook replacing draft proposals). Each Generation holds the new tokens (EOS
+    and stop tokens excluded), the forwards that row took part in (prefill included) and stats.
+    """
+    m, cfg, rows = prepare(model, prompts, mode=mode, max_new_tokens=max_new_tokens, block_len=block_len,
+                           threshold=threshold, stop=stop, eos_id=eos_id, **options)
+    for _ in run(model, m, cfg, rows):
+        pass
+    return generations(rows, m)
+
+
+__all__ = [
+    "Mode", "Generation", "Step", "DecodeConfig", "Rows", "generate", "prepare", "run", "generations",
+    "FORWARD_KINDS", "PREFILL",
+]
