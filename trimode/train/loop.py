@@ -1,0 +1,298 @@
+"""The trainer: joint AR + diffusion objective, AdamW, schedules, accumulation, DDP, resumable.
+
+Which samples a step sees, and the noise and block length of each, depend only on (seed, global
+sample index), so a run gives the same losses with 1 or N ranks and after a resume. Ranks split each
+global batch into contiguous micro-batches; the loss sums and token counts are all-reduced before
+dividing (global loss averaging), so the gradient is that of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig
+from ..model import Transformer, init_weights
+from . import checkpointing as C
+from .config import PRESETS, TrainConfig
+from .losses import ar_loss, diffusion_loss, dual_stream_inputs, split_dual
+from .noise import derive_seed, noise_batch
+from .prepare import Dataset, build_dataset
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine / WSD / constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+    decay_start = int(cfg.steps * (1 - cfg.wsd_decay_frac))  # warmup-stable-decay
+    if step < decay_start:
+        return cfg.lr
+    frac = (step - decay_start) / max(1, cfg.steps - decay_start)
+    return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, frac)
+
+
+def sample_rows(step: int, micro: int, rank: int, *, cfg: TrainConfig, world: int) -> list[int]:
+    """Global sample indices of one micro-batch of one rank."""
+    g0 = step * cfg.batch_size + micro * world * cfg.micro_batch_size + rank * cfg.micro_batch_size
+    return list(range(g0, g0 + cfg.micro_batch_size))
+
+
+class Order:
+    """Epoch-wise permutation of the dataset, keyed by (seed, epoch): index of global sample g."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self._perm = n, seed, {}
+
+    def __call__(self, g: int) -> int:
+        epoch = g // self.n
+        if epoch not in self._perm:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "order"))
+            self._perm = {epoch: torch.randperm(self.n, generator=gen)}
+        return int(self._perm[epoch][g % self.n])
+
+
+def build_model(cfg: TrainConfig, ds: Dataset) -> Transformer:
+    if cfg.init:
+        model = C.load_native(cfg.init)
+        if ds.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {ds.vocab_size} tokens but the --init model's vocabulary is {model.config.vocab_size}"
+            )
+        if model.config.mask_token_id is None:
+            raise ValueError(f"the --init checkpoint {cfg.init!r} has no mask_token_id; set it in its config.json")
+        if cfg.seq_len > model.config.max_seq_len:
+            raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+        return model.float()
+    if ds.mask_id is None:
+        raise ValueError("the tokenizer has no <|mask|> token; training from scratch needs one")
+    p = dict(PRESETS[cfg.preset])
+    p["max_seq_len"] = max(p["max_seq_len"], cfg.seq_len)
+    mc = ModelConfig(
+        vocab_size=ds.vocab_size, **p, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
+        mask_token_id=ds.mask_id, eos_token_id=ds.eos_id, pad_token_id=ds.pad_id, dlm_type=cfg.dlm_type,
+        block_len=max(cfg.block_lens),
+    )
+    return init_weights(Transformer(mc), seed=cfg.seed)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+    )
+
+
+def _autocast(cfg: TrainConfig):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+
+
+def micro_losses(
+    model: torch.nn.Module, x0: torch.Tensor, lmask: torch.Tensor, rows: list[int], *,
+    cfg: TrainConfig, mask_id: int, joint: bool, noise_seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ar_sum, ar_count, diff_sum, diff_count) of one micro-batch."""
+    L = x0.shape[1]
+    if not joint:
+        with _autocast(cfg):
+            logits = model(x0, torch.arange(L)[None, :].expand_as(x0))
+        a_sum, a_n = ar_loss(logits, x0, lmask)
+        return a_sum, a_n, a_sum.detach() * 0, torch.zeros((), dtype=torch.long)
+    xt, masked, p, bls = noise_batch(
+        x0, lmask, rows, seed=noise_seed, mask_id=mask_id, block_lens=cfg.block_lens, schedule=cfg.noise,
+        eps=cfg.eps, half_life_ratio=cfg.half_life_ratio,
+    )
+    tokens, positions, mask = dual_stream_inputs(xt, x0, bls)
+    with _autocast(cfg):
+        logits = model(tokens, positions, mask=mask)
+    noisy, clean = split_dual(logits)
+    a_sum, a_n = ar_loss(clean, x0, lmask)
+    d_sum, d_n = diffusion_loss(noisy, x0, masked, p, dlm_type=cfg.dlm_type)
+    return a_sum, a_n, d_sum, d_n
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, ds: Dataset, cfg: TrainConfig) -> dict[str, float]:
+    """Validation AR loss (per token) and diffusion loss (sum CE/p over masked / count), fixed noise."""
+    n = ds.val_tokens.shape[0]
+    if n == 0:
+        return {}
+    tot = torch.zeros(4, dtype=torch.float64)
+    mb = cfg.micro_batch_size
+    for b in range(min(cfg.eval_batches, math.ceil(n / mb))):
+        rows = list(range(b * mb, min(n, (b + 1) * mb)))
+        a_s, a_n, d_s, d_n = micro_losses(
+            model, ds.val_tokens[rows], ds.val_mask[rows], rows, cfg=cfg, mask_id=ds.mask_id, joint=True,
+            noise_seed=derive_seed(cfg.seed, 0, "val"),
+        )
+        tot += torch.tensor([float(a_s), float(a_n), float(d_s), float(d_n)], dtype=torch.float64)
+    return {"val_ar_loss": float(tot[0] / max(1, tot[1])), "val_diff_loss": float(tot[2] / max(1, tot[3]))}
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the last logged record plus the final evaluation."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    per_step = world * cfg.micro_batch_size
+    if cfg.batch_size % per_step:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be a multiple of world_size x micro_batch_size = {per_step}"
+        )
+    accum = cfg.batch_size // per_step
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and C.checkpoint_root(out).joinpath(C.LATEST).exists():
+            raise ValueError(f"{str(out)!r} already holds checkpoints; pass --resume or choose another out_dir")
+        ds = build_dataset(cfg, log=log)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if distributed:
+        dist.barrier()
+    if rank != 0:
+        ds = build_dataset(cfg, log=log)
+
+    model = build_model(cfg, ds)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
+    start = 0
+    log_path = out / "log.jsonl"
+    if cfg.resume and (ck := C.latest_checkpoint(out)) is not None:
+        resumed = C.load_native(ck)
+        model.load_state_dict(resumed.state_dict())
+        st = torch.load(ck / "train_state.pt", weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        start = int(st["step"])
+        if rank == 0 and log_path.exists():  # drop records after the checkpoint: the log stays exact
+            keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
+            log_path.write_text("".join(k + "\n" for k in keep))
+        if rank == 0:
+            log(f"resumed from {ck} at step {start}")
+    elif rank == 0 and log_path.exists():
+        log_path.unlink()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    n_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        log(f"model {n_params / 1e6:.2f}M params; {ds.train_tokens.shape[0]} train rows x {cfg.seq_len}; "
+            f"world {world}, accum {accum}")
+
+    order = Order(ds.train_tokens.shape[0], cfg.seed)
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+
+    def checkpoint(step: int) -> None:
+        if rank == 0:
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                     "rng": torch.get_rng_state(), "train_config": cfg.to_dict(), "world_size": world}
+            C.save_checkpoint(out, step, model, state, tokenizer_dir=ds.tokenizer_dir, keep=cfg.keep_checkpoints)
+        if distributed:
+            dist.barrier()
+
+    def write_log(rec: dict[str, Any]) -> None:
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    step = start
+    t_last, tok_since = time.perf_counter(), 0
+    try:
+        while step < end:
+            joint = step >= cfg.ar_only_steps
+            micro = []
+            for k in range(accum):
+                rows = sample_rows(step, k, rank, cfg=cfg, world=world)
+                idx = [order(g) for g in rows]
+                micro.append((rows, ds.train_tokens[idx], ds.train_mask[idx]))
+            # Token counts of the whole global batch, known before the forward (noise is data-only).
+            counts = torch.zeros(2, dtype=torch.float64)
+            for rows, x0, lm in micro:
+                counts[0] += float(lm[:, 1:].sum())
+                if joint:
+                    _, masked, _, _bls = noise_batch(
+                        x0, lm, rows, seed=cfg.seed, mask_id=ds.mask_id, block_lens=cfg.block_lens,
+                        schedule=cfg.noise, eps=cfg.eps, half_life_ratio=cfg.half_life_ratio)
+                    counts[1] += float(masked[:, 1:].sum() if cfg.dlm_type == "dream" else masked.sum())
+            if distributed:
+                dist.all_reduce(counts)
+            ar_n, diff_n = counts.clamp_min(1.0).float()
+            sums = torch.zeros(2, dtype=torch.float64)
+            model.train()
+            for k, (rows, x0, lm) in enumerate(micro):
+                sync = contextlib.nullcontext() if (not distributed or k == accum - 1) else ddp.no_sync()
+                with sync:
+                    a_s, _, d_s, _ = micro_losses(ddp, x0, lm, rows, cfg=cfg, mask_id=ds.mask_id, joint=joint,
+                                                  noise_seed=cfg.seed)
+                    loss = (a_s / ar_n + (cfg.alpha * d_s / diff_n if joint else 0.0)) * world
+                    loss.backward()
+                sums += torch.tensor([float(a_s.detach()), float(d_s.detach())], dtype=torch.float64)
+            if distributed:
+                dist.all_reduce(sums)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            tok_since += cfg.batch_size * cfg.seq_len
+            l_ar = float(sums[0] / ar_n)
+            l_diff = float(sums[1] / diff_n) if joint else None
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(ar=f"{l_ar:.3f}", diff="-" if l_diff is None else f"{l_diff:.3f}")
+            if step % cfg.log_every == 0 or step == 1 or step == end:
+                now = time.perf_counter()
+                last = {"step": step, "ar_loss": l_ar, "diff_loss": l_diff,
+                        "loss": l_ar + (cfg.alpha * l_diff if l_diff is not None else 0.0), "lr": lr,
+                        "grad_norm": float(gnorm), "tokens_per_s": tok_since / max(1e-9, now - t_last)}
+                t_last, tok_since = now, 0
+                write_log(last)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                if rank == 0:
+                    model.eval()
+                    ev = evaluate(model, ds, cfg)
+                    if ev:
+                        write_log({"step": step, **ev})
+                        last.update(ev)
+                        if bar is not None:
+                            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                if distributed:
+                    dist.barrier()
+            if step % cfg.save_every == 0 and step < end:
+                checkpoint(step)
+    except KeyboardInterrupt:
+        if rank == 0:
+            log(f"interrupted at step {step}; writing a checkpoint")
+        checkpoint(step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint(step)
+    if distributed:
+        dist.destroy_process_group()
+    return last
