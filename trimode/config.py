@@ -222,7 +222,7 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         mask_id = d.get("mask_token_id")
-        if mask_id is None and model_type == "nemotron_labs_diffusion":
+        if mask_id is None and model_type == "nemotron_labs_diffusion" and "mask_token_id" not in d:
             mask_id = 100
         cfg.update(
             max_seq_len=max_pos,

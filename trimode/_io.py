@@ -1,0 +1,134 @@
+"""File plumbing shared by checkpoint and adapter I/O: JSON, safetensors headers, atomic directories.
+
+Every read failure becomes a `ValueError` naming the file, because a truncated download or a wrong
+path is a user-caused error, not a bug. Every write goes through `atomic_dir`, so an interrupted save
+never leaves a half-written checkpoint where a good one (or nothing) used to be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")  # noqa: TRY004 (bad file)
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one stored tensor lives and what its header says, read before any data is loaded."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: "F32", "BF16", ...
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Names, shapes and dtypes in one safetensors file. Truncated or corrupt files raise ValueError."""
+    if not path.is_file():
+        raise ValueError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                sl = f.get_slice(name)
+                out[name] = TensorEntry(path, tuple(sl.get_shape()), sl.get_dtype())
+            return out
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def load_tensors(path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `names` from one file, one tensor at a time, so peak memory stays one tensor above the model."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read tensor data (truncated or corrupted?): {e}") from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Contiguous CPU copies, so views, GPU tensors and tied storages all serialise."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(cpu, str(path), metadata={"format": "pt"})
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; best effort
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, marker: str) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `path`; on success it replaces `path` in one rename.
+
+    `marker` is the file that makes an existing directory ours to replace (config.json for a
+    checkpoint): a non-empty directory without it is refused rather than deleted.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise ValueError(f"refusing to overwrite {path}: it is a non-empty directory without {marker}")
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if path.exists():
+            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                os.rename(old, path)  # put the previous checkpoint back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

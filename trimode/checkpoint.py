@@ -1,0 +1,284 @@
+"""Load, save and export checkpoints.
+
+`load_model` reads four directory layouts, told apart by `config.json`'s `model_type` and by where
+the embedding lives:
+
+- native (`model_type: trimode`): our parameter names in `model.safetensors`; adapters in PEFT format
+  under `adapters/<name>/`;
+- NLD (`nemotron_labs_diffusion`): `encoder.*` + `diffusion_head.weight`; the drafting LoRA in
+  `linear_spec_lora/` becomes the adapter "draft";
+- Hugging Face Ministral3 / Mistral / Llama: `model.*` + `lm_head.weight`, or the VLM text tower
+  `language_model.model.*` / `model.language_model.*`;
+- any of these sharded (`model.safetensors.index.json`).
+
+Everything is checked against the headers before a byte of weight data is read (names, shapes), and
+every problem is a ValueError naming the tensor and file. `save_model` writes the native layout and
+`export_nld` the NLD one, both atomically (see `_io.atomic_dir`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import peft
+from ._io import TensorEntry, atomic_dir, load_tensors, read_header, read_json, save_tensors, write_json
+from .config import HF_MODEL_TYPES, ModelConfig
+from .model import Transformer, rope_inv_freq
+from .peft import load_adapter, save_adapter
+from .tokenizer import Tokenizer
+
+__all__ = ["export_nld", "load_adapter", "load_model", "save_adapter", "save_model"]
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+NLD_ADAPTER_DIR = "linear_spec_lora"
+NLD_ADAPTER_NAME = "draft"
+ADAPTERS_DIR = "adapters"
+# Where the decoder body may sit, by layout; the embedding's key tells which one a checkpoint uses.
+BODY_PREFIXES = ("", "model.", "encoder.", "language_model.model.", "model.language_model.")
+HEAD_KEYS = ("lm_head.weight", "diffusion_head.weight", "language_model.lm_head.weight")
+# Stored tensors that carry no information we need: old HF rotary caches, and the vision tower of a
+# VLM checkpoint whose text decoder we load.
+HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+# -- config and weight discovery ----------------------------------------------------------------
+def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The ModelConfig of checkpoint directory `path`, and the raw (text-tower) config dict."""
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} is not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"no config.json in {path}: not a checkpoint directory")
+    raw = read_json(cfg_file)
+    if raw.get("model_type") not in HF_MODEL_TYPES and isinstance(raw.get("text_config"), dict):
+        # A VLM (e.g. Mistral3): the decoder's config is nested; top-level fields fill its gaps.
+        text = dict(raw["text_config"])
+        for k in ("tie_word_embeddings", "torch_dtype", "dtype"):
+            if k not in text and k in raw:
+                text[k] = raw[k]
+        raw = text
+    try:
+        return ModelConfig.from_hf_dict(raw), raw
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    except (TypeError, KeyError) as e:  # e.g. a field of the wrong JSON type
+        raise ValueError(f"{cfg_file}: invalid config: {e}") from None
+
+
+def weight_entries(path: Path) -> dict[str, TensorEntry]:
+    """Every stored tensor's header entry, from model.safetensors or a sharded index."""
+    if (path / INDEX).is_file():
+        index = read_json(path / INDEX)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{path / INDEX} has no weight_map")
+        entries: dict[str, TensorEntry] = {}
+        for file in sorted(set(weight_map.values())):
+            for name, entry in read_header(path / file).items():
+                if name in entries:
+                    raise ValueError(f"tensor {name!r} is stored twice: in {entries[name].file} and {entry.file}")
+                entries[name] = entry
+        for name, file in weight_map.items():
+            if name not in entries or entries[name].file.name != Path(file).name:
+                raise ValueError(f"{path / INDEX} maps {name!r} to {file}, but that file does not hold it")
+        return entries
+    if (path / WEIGHTS).is_file():
+        return read_header(path / WEIGHTS)
+    found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf", ".safetensors"))
+    raise ValueError(f"no {WEIGHTS} or {INDEX} in {path} (found: {found or 'no weight files'})")
+
+
+def map_names(
+    entries: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]], where: Path
+) -> dict[str, str]:
+    """Our parameter name -> stored name. Raises on missing, extra, duplicated or misshapen tensors."""
+    bodies = [p for p in BODY_PREFIXES if p + "embed_tokens.weight" in entries]
+    if len(bodies) != 1:
+        want = " or ".join(repr(p + "embed_tokens.weight") for p in BODY_PREFIXES)
+        problem = "missing tensor" if not bodies else "ambiguous layout, several of"
+        raise ValueError(f"{where}: {problem} {want}")
+    body = bodies[0]
+    vision_ok = body in ("language_model.model.", "model.language_model.")
+    mapping: dict[str, str] = {}
+    extra = []
+    for stored in entries:
+        ours = "lm_head.weight" if stored in HEAD_KEYS else stored[len(body):] if stored.startswith(body) else None
+        if ours is not None and ours in expected:
+            if ours in mapping:
+                raise ValueError(f"{where}: both {mapping[ours]!r} and {stored!r} map to {ours!r}")
+            mapping[ours] = stored
+        elif stored.endswith(HARMLESS_SUFFIXES) or (vision_ok and stored.startswith(VISION_PREFIXES)):
+            continue
+        else:
+            extra.append(stored)
+    if extra:
+        raise ValueError(f"{where}: unexpected tensors not used by the model: {', '.join(sorted(extra)[:8])}"
+                         + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
+    missing = [body + n if n != "lm_head.weight" else n for n in expected if n not in mapping]
+    if missing:
+        hint = " (config.json says tie_word_embeddings=false)" if "lm_head.weight" in missing else ""
+        raise ValueError(f"{where}: missing tensors: {', '.join(missing[:8])}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else "") + hint)
+    for ours, stored in mapping.items():
+        got = entries[stored].shape
+        if got != expected[ours]:
+            raise ValueError(
+                f"{entries[stored].file}: tensor {stored!r} has shape {got}, expected {expected[ours]}"
+            )
+    return mapping
+
+
+def resolve_dtype(
+    dtype: torch.dtype | str | None, raw: dict[str, Any], entry: TensorEntry, device: torch.device
+) -> torch.dtype:
+    """The requested dtype, else the stored one (config, then tensor); fp16 becomes fp32 on CPU."""
+    if dtype is not None:
+        if isinstance(dtype, str):
+            if dtype.removeprefix("torch.") not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+            return DTYPES[dtype.removeprefix("torch.")]
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        return dtype
+    stored = raw.get("torch_dtype") or raw.get("dtype")
+    resolved = DTYPES.get(stored.removeprefix("torch.")) if isinstance(stored, str) else None
+    if resolved is None:
+        resolved = _SAFETENSORS_DTYPES.get(entry.dtype, torch.float32)
+    if resolved == torch.float16 and device.type == "cpu":
+        return torch.float32  # fp16 matmuls on CPU are slow and overflow-prone; fp32 is exact for them
+    return resolved
+
+
+# -- loading ----------------------------------------------------------------------------------
+def load_model(
+    path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+    check_finite: bool = True,
+) -> Transformer:
+    """Load a native, NLD, Ministral3, Mistral or Llama checkpoint directory (see module docstring).
+
+    dtype: None keeps the stored dtype (float16 becomes float32 on CPU); otherwise weights are cast.
+    check_finite: reject weights holding NaN or inf (one pass over the data as it loads).
+    Adapters found in the directory are attached (native: by name; NLD: as "draft").
+    """
+    path = Path(path)
+    device = torch.device(device)
+    config, raw = read_config(path)
+    entries = weight_entries(path)
+    native = raw.get("model_type") == "trimode"
+    nld = raw.get("model_type") == "nemotron_labs_diffusion"
+    if nld and config.tie_word_embeddings and "diffusion_head.weight" in entries:
+        # NLD unties the head even where its base model tied it (the 3B), whatever config.json inherited.
+        config = config.replace(tie_word_embeddings=False)
+    untie_check = config.tie_word_embeddings and any(k in entries for k in HEAD_KEYS)
+
+    with torch.device("meta"):
+        model = Transformer(config.replace(tie_word_embeddings=False) if untie_check else config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mapping = map_names(entries, expected, path)
+    dt = resolve_dtype(dtype, raw, entries[mapping["embed_tokens.weight"]], device)
+
+    by_file: dict[Path, list[str]] = {}
+    for stored in mapping.values():
+        by_file.setdefault(entries[stored].file, []).append(stored)
+    ours_of = {stored: ours for ours, stored in mapping.items()}
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        for stored, t in load_tensors(file, names):
+            t = t.to(device=device, dtype=dt)
+            if check_finite and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{file}: tensor {stored!r} holds NaN or inf values")
+            state[ours_of[stored]] = t
+
+    if untie_check:
+        # Tied in config.json but a head was stored too: harmless only if it is the embedding.
+        head = state.pop("lm_head.weight")
+        if not torch.equal(head, state["embed_tokens.weight"]):
+            raise ValueError(
+                f"{path}: config.json says tie_word_embeddings=true but the stored head "
+                f"{mapping['lm_head.weight']!r} differs from the embedding"
+            )
+        with torch.device("meta"):
+            model = Transformer(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers were born on the meta device; rebuild them for real.
+    inv_freq, _ = rope_inv_freq(config)
+    model.inv_freq = inv_freq.to(device)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "tensor left on meta"
+
+    if native and (path / ADAPTERS_DIR).is_dir():
+        for sub in sorted(p for p in (path / ADAPTERS_DIR).iterdir() if p.is_dir()):
+            load_adapter(model, sub, name=sub.name)
+    if not native and (path / NLD_ADAPTER_DIR).is_dir():
+        load_adapter(model, path / NLD_ADAPTER_DIR, name=NLD_ADAPTER_NAME)
+    return model.eval()
+
+
+# -- saving -----------------------------------------------------------------------------------
+def base_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Base weights only: adapters are saved separately, in PEFT format."""
+    return {k: v for k, v in model.state_dict().items() if ".adapters." not in k}
+
+
+def _check_tokenizer(model: Transformer, tokenizer: Tokenizer | None) -> None:
+    if tokenizer is not None:
+        if not isinstance(tokenizer, Tokenizer):
+            raise ValueError(f"tokenizer must be a trimode Tokenizer, got {type(tokenizer).__name__}")
+        tokenizer.check_model(model.config)
+
+
+def save_model(model: Transformer, path: str | Path, *, tokenizer: Tokenizer | None = None) -> None:
+    """Write `model` in the native layout at directory `path`, replacing a previous checkpoint atomically.
+
+    config.json (ModelConfig.to_dict) + model.safetensors (base weights) + adapters/<name>/ (PEFT)
+    for every adapter, + the tokenizer's files when `tokenizer` is given.
+    """
+    _check_tokenizer(model, tokenizer)
+    names = sorted(peft.adapter_names(model))
+    for name in names:
+        peft.check_adapter_name(name)
+    with atomic_dir(path, marker="config.json") as tmp:
+        if tokenizer is not None:
+            tokenizer.save(tmp)  # first, so our config.json always wins over a stray one
+        write_json(tmp / "config.json", model.config.to_dict())
+        save_tensors(base_state(model), tmp / WEIGHTS)
+        for name in names:
+            peft.write_adapter(model, name, tmp / ADAPTERS_DIR / name)
+
+
+def export_nld(model: Transformer, path: str | Path, *, tokenizer: Tokenizer | None = None) -> None:
+    """Write `model` in NLD's Hugging Face layout: encoder.* + diffusion_head.weight (always untied),
+    and the "draft" adapter, if any, as PEFT under linear_spec_lora/. Other adapters are not part
+    of that layout and are left out.
+    """
+    _check_tokenizer(model, tokenizer)
+    hf = model.config.to_hf_dict()
+    hf["tie_word_embeddings"] = False
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    back = ModelConfig.from_hf_dict(hf)
+    want = model.config.replace(tie_word_embeddings=False)
+    if back != want:
+        diff = [k for k in want.to_dict() if getattr(back, k, None) != getattr(want, k, None)]
+        raise ValueError(f"this config cannot be expressed in NLD's config.json (fields {diff} would change)")
+    tensors = {f"encoder.{k}": v for k, v in base_state(model).items() if k != "lm_head.weight"}
+    # clone: when tied the head is the embedding's storage, which safetensors refuses to write twice.
+    tensors["diffusion_head.weight"] = model.head_weight().detach().clone()
+    with atomic_dir(path, marker="config.json") as tmp:
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        write_json(tmp / "config.json", hf)
+        save_tensors(tensors, tmp / WEIGHTS)
+        if NLD_ADAPTER_NAME in peft.adapter_names(model):
+            peft.write_adapter(
+                model, NLD_ADAPTER_NAME, tmp / NLD_ADAPTER_DIR, module_prefix="encoder.", head_name="diffusion_head"
+            )

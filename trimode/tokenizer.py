@@ -1,0 +1,264 @@
+"""Hugging Face `tokenizer.json` + jinja chat template, special ids by name, UTF-8-safe streaming.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` with what generation needs: the bos / eos / pad / mask ids
+(resolved from token *names* in the tokenizer files, so no id is hard-coded), the chat template
+rendered in a sandbox the way `transformers` renders it, and `save` so a checkpoint directory keeps
+its tokenizer files verbatim. `StreamDecoder` turns ids into text as they arrive without ever
+emitting half of a multi-byte character.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from ._io import read_json
+from .config import ModelConfig
+
+# Files that travel with the tokenizer. They are copied byte for byte on save, so whatever fields we do
+# not interpret (padding side, added-token flags, generation defaults) survive a round trip.
+AUX_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+# Spellings of the diffusion [MASK] token we look for when no file names it.
+MASK_TOKEN_CANDIDATES = ("<|mask|>", "[MASK]", "<mask>", "<|MASK|>", "<MASK>")
+SPECIAL_ROLES = ("bos", "eos", "pad", "mask", "unk")
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token entry is either a string or an AddedToken dict {"content": ...}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus special ids and a chat template.
+
+    Special ids are attributes `bos_id`, `eos_id`, `pad_id`, `mask_id` (int or None). They are
+    resolved by name: `tokenizer_config.json`, then `special_tokens_map.json`, then the id fields of
+    the model's `config.json` / `generation_config.json`; the mask falls back to well-known spellings.
+    """
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        *,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        special_ids: dict[str, int] | None = None,
+        files: dict[str, bytes] | None = None,
+    ) -> None:
+        self._tok = tokenizer
+        self.chat_template = chat_template
+        # Raw bytes of tokenizer.json and AUX_FILES when loaded from a directory; rewritten on save.
+        self._files = dict(files or {})
+        names = dict(special_tokens or {})
+        ids = dict(special_ids or {})
+        if "mask" not in names and "mask" not in ids:
+            for cand in MASK_TOKEN_CANDIDATES:
+                if tokenizer.token_to_id(cand) is not None:
+                    names["mask"] = cand
+                    break
+        self.special_tokens: dict[str, str] = {}
+        resolved: dict[str, int | None] = {}
+        for role in SPECIAL_ROLES:
+            # A named token missing from the vocabulary is left unresolved rather than fatal: files often
+            # name an unused <unk>; check_model catches the ids that matter.
+            tid = tokenizer.token_to_id(names[role]) if role in names else None
+            if tid is None:
+                tid = ids.get(role)
+            resolved[role] = tid
+            if tid is not None:
+                text = tokenizer.id_to_token(tid)
+                if text is not None:
+                    self.special_tokens[role] = text
+        self.bos_id = resolved["bos"]
+        self.eos_id = resolved["eos"]
+        self.pad_id = resolved["pad"]
+        self.mask_id = resolved["mask"]
+        self.unk_id = resolved["unk"]
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ValueError(f"no tokenizer.json in {path}")
+        raw = tok_file.read_bytes()
+        try:
+            tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 (the Rust side raises a bare Exception on malformed files)
+            raise ValueError(f"cannot parse {tok_file}: {e}") from None
+        files = {"tokenizer.json": raw}
+        for name in AUX_FILES:
+            if (path / name).is_file():
+                files[name] = (path / name).read_bytes()
+        tcfg = read_json(path / "tokenizer_config.json") if "tokenizer_config.json" in files else {}
+        smap = read_json(path / "special_tokens_map.json") if "special_tokens_map.json" in files else {}
+        names: dict[str, str] = {}
+        for role in SPECIAL_ROLES:
+            for source in (tcfg, smap):
+                content = _token_content(source.get(f"{role}_token"))
+                if content is not None:
+                    names[role] = content
+                    break
+        ids: dict[str, int] = {}
+        # The model's config and generation defaults name ids, not strings; they fill the gaps.
+        for name in ("generation_config.json", "config.json"):
+            if (path / name).is_file():
+                for role in ("bos", "eos", "pad", "mask"):
+                    tid = _first_id(read_json(path / name).get(f"{role}_token_id"))
+                    if tid is not None and tok.id_to_token(tid) is not None:
+                        ids.setdefault(role, tid)
+        if "chat_template.jinja" in files:
+            template: Any = files["chat_template.jinja"].decode("utf-8")
+        else:
+            template = tcfg.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if "default" not in named:
+                raise ValueError(f"{path}: chat_template is a list without a 'default' entry: {sorted(named)}")
+            template = named["default"]
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+        return cls(tok, chat_template=template, special_tokens=names, special_ids=ids, files=files)
+
+    # -- encoding ----------------------------------------------------------------------------
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Largest id + 1, added tokens included (ids may be sparse, so this is not len(vocab))."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return max(vocab.values()) + 1 if vocab else 0
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, tid: int) -> str | None:
+        return self._tok.id_to_token(tid)
+
+    def stream(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    # -- chat --------------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render `messages` ([{"role", "content"}, ...]) with the jinja chat template.
+
+        Extra keyword arguments (e.g. `enable_thinking`, `tools`) are passed to the template, as are
+        the special tokens by name (`bos_token`, `eos_token`, ...), as `transformers` does.
+        """
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
+            raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or chat_template.jinja)")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"message {i} must be a dict with a 'role', got {m!r}")
+        from ._chat_template import render
+
+        context = {f"{role}_token": text for role, text in self.special_tokens.items()}
+        context.update(kwargs)
+        return render(template, messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
+
+    # -- checks and saving -------------------------------------------------------------------
+    def check_model(self, config: ModelConfig) -> None:
+        """Raise ValueError if this tokenizer cannot drive a model with `config`.
+
+        A tokenizer may be smaller than the embedding (padded vocabularies are common) but never
+        larger, and the ids the decoders rely on (mask, eos) must be real tokens.
+        """
+        if self.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
+            )
+        for name in ("mask_token_id", "eos_token_id"):
+            tid = getattr(config, name)
+            if tid is not None and self._tok.id_to_token(tid) is None:
+                raise ValueError(f"model {name}={tid} is not a token of this tokenizer (vocab {self.vocab_size})")
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json and the auxiliary files into directory `path` (created if needed)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        files = dict(self._files)
+        files.setdefault("tokenizer.json", self._tok.to_str().encode("utf-8"))
+        if "tokenizer_config.json" not in files:
+            tcfg: dict[str, Any] = {f"{role}_token": text for role, text in self.special_tokens.items()}
+            if self.chat_template is not None:
+                tcfg["chat_template"] = self.chat_template
+            files["tokenizer_config.json"] = (json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        for name, data in files.items():
+            (path / name).write_bytes(data)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer in checkpoint directory `path`, or None when it has no tokenizer.json."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    return Tokenizer.from_dir(path)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids as they are generated, get back only newly completed text.
+
+    Decoding ids one at a time is wrong twice over: a byte-level token may carry half of a UTF-8
+    character (decoded alone it is U+FFFD), and decoders that strip a leading space (SentencePiece)
+    drop spaces between pieces. So we decode a short window `ids[prefix:]` and emit what it adds
+    beyond `ids[prefix:read]`, holding text back while it still ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: the text before it has been emitted and ended cleanly
+        self._read = 0  # ids[prefix:read] decode to text that has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def feed(self, ids: int | Iterable[int]) -> str:
+        """Add one id or several; return the text they complete ('' while a character is partial)."""
+        self._ids.extend([int(ids)] if isinstance(ids, int) else (int(i) for i in ids))
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        # A trailing U+FFFD means the last bytes do not yet form a character: wait for more ids.
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """The text still held back (possibly ending in U+FFFD if generation stopped mid-character)."""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text):]
