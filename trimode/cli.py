@@ -54,6 +54,7 @@ def _run_modes(model, prompts, *, modes, max_new_tokens, block_len, threshold):
     from .decode import generate
 
     rows, ref = [], None
+    generate(model, prompts[:1], mode="ar", max_new_tokens=2)  # warm-up, so the first mode is not penalised
     for mode in modes:
         t0 = time.perf_counter()
         gens = generate(model, prompts, mode=mode, max_new_tokens=max_new_tokens, block_len=block_len,
