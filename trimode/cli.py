@@ -81,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     torch.set_grad_enabled(False)
     model, tok, label = load_bundled()
-    block_len = args.block_len or model.config.block_len
+    block_len = model.config.block_len if args.block_len is None else args.block_len
     if tok is not None:
         texts = args.prompt or [
             "def fibonacci(n):\n",
@@ -136,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     ids = tok.encode(text)
-    block_len = args.block_len or model.config.block_len
+    block_len = model.config.block_len if args.block_len is None else args.block_len
     t0 = time.perf_counter()
     g = generate(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens, block_len=block_len,
                  threshold=args.threshold, eos_id=tok.eos_id)[0]
