@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from trimode.checkpoint import load_model  # noqa: E402
+from trimode.checkpoint import load_model
 
 TINY = dict(  # noqa: C408 (reads as the HF config call it feeds)
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -177,7 +177,7 @@ class Tokenizer:
         """
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
-            raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or chat_template.jinja)")
+            raise ValueError("this tokenizer has no chat template (not in tokenizer_config.json nor chat_template.jinja)")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"message {i} must be a dict with a 'role', got {m!r}")
