@@ -177,7 +177,7 @@ class Tokenizer:
         """
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
-            raise ValueError("this tokenizer has no chat template (not in tokenizer_config.json nor chat_template.jinja)")
+            raise ValueError("no chat template (neither tokenizer_config.json nor chat_template.jinja has one)")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"message {i} must be a dict with a 'role', got {m!r}")
