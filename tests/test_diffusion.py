@@ -7,8 +7,8 @@ import torch
 from _tiny import PROMPTS, tiny_model
 
 from trimode import generate
-from trimode.config import ModelConfig
 from trimode.cache import KVCache
+from trimode.config import ModelConfig
 
 MASK = 95
 CONF = [0.99, 0.95, 0.5, 0.3, 0.97, 0.6, 0.2, 0.91]  # confidence of a masked slot, by position % 8
@@ -118,3 +118,12 @@ def test_diffusion_stops_at_eos_inside_a_block():
     object.__setattr__(stub, "config", stub.config.replace(eos_token_id=eos))
     g = generate(stub, PROMPT, mode="diffusion", max_new_tokens=16, block_len=8)[0]
     assert g.tokens == AR_TOKENS[:5] and g.finish_reason == "stop"
+
+
+def test_batching_changes_no_token():
+    m = tiny_model()
+    for tau in (0.9, 0.0):
+        batched = generate(m, PROMPTS, mode="diffusion", max_new_tokens=20, block_len=4, threshold=tau)
+        for p, g in zip(PROMPTS, batched):
+            alone = generate(m, [p], mode="diffusion", max_new_tokens=20, block_len=4, threshold=tau)[0]
+            assert alone.tokens == g.tokens and alone.nfe == g.nfe

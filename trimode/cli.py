@@ -77,9 +77,6 @@ def _run_modes(model, prompts, *, modes, max_new_tokens, block_len, threshold):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    torch.set_grad_enabled(False)
     model, tok, label = load_bundled()
     block_len = model.config.block_len if args.block_len is None else args.block_len
     if tok is not None:
@@ -119,13 +116,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from .checkpoint import load_model
     from .decode import generate
     from .tokenizer import load_tokenizer
 
-    torch.set_grad_enabled(False)
     path = BUNDLED if args.model == "bundled" else Path(args.model)
     model = load_model(path, dtype=_dtype(args.dtype), device=args.device)
     tok = load_tokenizer(path)

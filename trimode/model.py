@@ -162,7 +162,9 @@ class Transformer(nn.Module):
     def adapter_names(self) -> set[str]:
         return adapter_names(self)
 
-    def add_adapter(self, name: str, *, targets: tuple[str, ...] = ("o_proj",), r: int = 8, alpha: float = 16.0) -> None:
+    def add_adapter(
+        self, name: str, *, targets: tuple[str, ...] = ("o_proj",), r: int = 8, alpha: float = 16.0
+    ) -> None:
         """Attach a fresh LoRA named `name` to every linear whose name ends with one of `targets`."""
         hit = 0
         for mod_name, m in self.named_modules():

@@ -140,6 +140,15 @@ def generate(
 
 
 __all__ = [
-    "Mode", "Generation", "Step", "DecodeConfig", "Rows", "generate", "prepare", "run", "generations",
-    "FORWARD_KINDS", "PREFILL",
+    "FORWARD_KINDS",
+    "PREFILL",
+    "DecodeConfig",
+    "Generation",
+    "Mode",
+    "Rows",
+    "Step",
+    "generate",
+    "generations",
+    "prepare",
+    "run",
 ]

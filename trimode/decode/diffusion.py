@@ -17,8 +17,18 @@ import torch
 
 from .. import masks
 from .common import (
-    COMMIT, DENOISE, EMIT, PREFILL, DecodeConfig, Rows, Step, cache_capacity, clamp_positions, exclude_mask,
-    pred_slots, prefill,
+    COMMIT,
+    DENOISE,
+    EMIT,
+    PREFILL,
+    DecodeConfig,
+    Rows,
+    Step,
+    cache_capacity,
+    clamp_positions,
+    exclude_mask,
+    pred_slots,
+    prefill,
 )
 from .policies import EvenSchedule, Threshold
 

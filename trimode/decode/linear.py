@@ -20,8 +20,19 @@ import torch
 
 from .. import masks
 from .common import (
-    DRAFT, PREFILL, VERIFY, DecodeConfig, Rows, Step, adapter_for, apply_override, cache_capacity,
-    clamp_positions, exclude_mask, pred_slots, prefill,
+    DRAFT,
+    PREFILL,
+    VERIFY,
+    DecodeConfig,
+    Rows,
+    Step,
+    adapter_for,
+    apply_override,
+    cache_capacity,
+    clamp_positions,
+    exclude_mask,
+    pred_slots,
+    prefill,
 )
 
 

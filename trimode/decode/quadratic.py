@@ -21,8 +21,18 @@ import torch
 
 from .. import masks
 from .common import (
-    PREFILL, QUADRATIC, DecodeConfig, Rows, Step, adapter_for, apply_override, cache_capacity, clamp_positions,
-    exclude_mask, pred_slots, prefill,
+    PREFILL,
+    QUADRATIC,
+    DecodeConfig,
+    Rows,
+    Step,
+    adapter_for,
+    apply_override,
+    cache_capacity,
+    clamp_positions,
+    exclude_mask,
+    pred_slots,
+    prefill,
 )
 from .linear import accept_greedy
 
