@@ -325,12 +325,30 @@ def test_config_errors(ckpt: Path, tmp_path: Path) -> None:
         load_model(tmp_path / "empty")
 
 
-def test_tied_config_with_different_head(tmp_path: Path) -> None:
+def test_tied_config_with_stored_head(tmp_path: Path) -> None:
     save_model(_model(), tmp_path / "c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     (tmp_path / "c" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
     with pytest.raises(ValueError, match="differs from the embedding"):
         load_model(tmp_path / "c")
+    # Some exporters store the tied head anyway: harmless when it is the embedding.
+    _edit_weights(tmp_path / "c", lambda sd: sd.update({"lm_head.weight": sd["embed_tokens.weight"].clone()}))
+    model = load_model(tmp_path / "c")
+    assert model.lm_head is None
+    tied = _model(CFG.replace(tie_word_embeddings=True))  # same seed: same weights, head = embedding
+    torch.testing.assert_close(_logits(model), _logits(tied), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_load_to_gpu(tmp_path: Path) -> None:
+    model = _model()
+    _draft(model)
+    save_model(model, tmp_path / "c")
+    gpu = load_model(tmp_path / "c", device="cuda", dtype=torch.bfloat16)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16 and gpu.inv_freq.device.type == "cuda"
+    assert gpu.layers[0].self_attn.o_proj.adapters["draft"].A.device.type == "cuda"
+    for adapter in (None, "draft"):
+        torch.testing.assert_close(_logits(gpu, adapter).float().cpu(), _logits(model, adapter), rtol=0.05, atol=0.1)
 
 
 def test_bad_adapters(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def map_names(
 
 
 def resolve_dtype(
-    dtype: torch.dtype | str | None, raw: dict[str, Any], entry: TensorEntry, device: torch.device
+    dtype: torch.dtype | str | None, raw: dict[str, Any], entry: TensorEntry, *, device: torch.device
 ) -> torch.dtype:
     """The requested dtype, else the stored one (config, then tensor); fp16 becomes fp32 on CPU."""
     if dtype is not None:
@@ -186,7 +186,7 @@ def load_model(
         model = Transformer(config.replace(tie_word_embeddings=False) if untie_check else config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mapping = map_names(entries, expected, path)
-    dt = resolve_dtype(dtype, raw, entries[mapping["embed_tokens.weight"]], device)
+    dt = resolve_dtype(dtype, raw, entries[mapping["embed_tokens.weight"]], device=device)
 
     by_file: dict[Path, list[str]] = {}
     for stored in mapping.values():

@@ -60,6 +60,7 @@ class Tokenizer:
         files: dict[str, bytes] | None = None,
     ) -> None:
         self._tok = tokenizer
+        self._vocab_size: int | None = None
         self.chat_template = chat_template
         # Raw bytes of tokenizer.json and AUX_FILES when loaded from a directory; rewritten on save.
         self._files = dict(files or {})
@@ -143,8 +144,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Largest id + 1, added tokens included (ids may be sparse, so this is not len(vocab))."""
-        vocab = self._tok.get_vocab(with_added_tokens=True)
-        return max(vocab.values()) + 1 if vocab else 0
+        if self._vocab_size is None:  # get_vocab builds a dict of the whole vocabulary: do it once
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+        return self._vocab_size
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
