@@ -132,6 +132,7 @@ def test_nfe_counted_by_a_wrapper_equals_reported(models):
     (dict(prompts=[[1] * 500]), "context"),
     (dict(prompts="hello"), "non-empty list"),
     (dict(threshold=1.5), "threshold"),
+    (dict(stop=[1000]), "stop"),
 ])
 def test_bad_requests_raise_value_error(models, bad, match):
     args = dict(prompts=PROMPTS, mode="linear", max_new_tokens=N, block_len=4, threshold=0.9)

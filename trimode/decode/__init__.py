@@ -52,7 +52,10 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
-def _validate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], mode: Mode, max_new_tokens: int) -> None:
+def _validate(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], mode: Mode, max_new_tokens: int,
+    stop: Sequence[int] | None,
+) -> None:
     c = model.config
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -67,6 +70,10 @@ def _validate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], mode: Mo
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                 f"context of {c.max_seq_len} tokens"
             )
+    if stop is not None:
+        bad = [t for t in stop if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < c.vocab_size]
+        if bad:
+            raise ValueError(f"stop token ids must lie in [0, {c.vocab_size}), got {bad[:5]}")
     if mode in NEEDS_MASK and c.mask_token_id is None:
         raise ValueError(f"mode {mode.value!r} needs a mask token, but the model config has mask_token_id=None")
 
@@ -91,7 +98,7 @@ def prepare(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
         stop=tuple(stop or ()), eos_id=eos_id, draft_adapter=draft_adapter, draft_override=draft_override,
     )
-    _validate(model, prompts, m, max_new_tokens)
+    _validate(model, prompts, m, max_new_tokens, stop)
     eos = eos_id if eos_id is not None else model.config.eos_token_id
     stop_ids = set(cfg.stop) | ({eos} if eos is not None else set())
     return m, cfg, Rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)

@@ -182,9 +182,7 @@ def prefill(
     last = lengths - 1  # (B,)
     if draft_len:
         ar = torch.arange(draft_len, device=dev)[None, :]
-        slots = lengths[:, None] + ar  # (B, k): the mask block
-        for b in range(B):
-            tokens[b, lengths[b] : lengths[b] + draft_len] = mask_id
+        slots = lengths[:, None] + ar  # (B, k): the mask block (pad_prompts already filled it with mask ids)
         mask = masks.segments(lengths, draft_len, T, device=dev)
         want = torch.cat([last[:, None], pred_slots(slots[:, 1:], c.dlm_type)], dim=1)  # (B, k)
         in_block = (torch.arange(T, device=dev)[None, :] >= lengths[:, None]) & (
