@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
+from trimode.checkpoint import export_nld, load_model
 
-from trimode.checkpoint import load_model
+transformers = pytest.importorskip("transformers")
 
 TINY = dict(  # noqa: C408 (reads as the HF config call it feeds)
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -100,6 +100,10 @@ def test_logits_match_transformers(case: str, tmp_path: Path) -> None:
     c = ours.config
     if case == "ministral3_yarn_llama4":
         assert c.yarn is not None and c.llama4_scaling_beta == 0.1 and c.llama4_original_max == ORIG_MAX
+    # The NLD export of any of these keeps the rotary settings: it still matches transformers.
+    export_nld(ours, tmp_path / "nld")
+    assert load_model(tmp_path / "nld").config == c.replace(tie_word_embeddings=False)
+    _compare(hf, tmp_path / "nld")
     if case == "llama_tied":
         assert c.tie_word_embeddings and ours.lm_head is None
         assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
