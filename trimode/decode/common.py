@@ -142,9 +142,11 @@ def clamp_positions(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     return positions.clamp(max=max_seq_len - 1)
 
 
-def cache_capacity(rows: Rows, block_len: int) -> int:
+def cache_capacity(rows: Rows, scratch: int) -> int:
+    """Slots for the longest prompt, every new token, and the widest forward's scratch entries
+    (the last forward may write `scratch` entries past the committed tokens)."""
     longest = max(len(p) for p in rows.prompts)
-    return longest + rows.max_new_tokens + block_len * (block_len + 1) + block_len + 2
+    return longest + rows.max_new_tokens + scratch + 1
 
 
 def pad_prompts(rows: Rows, extra: int, fill: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

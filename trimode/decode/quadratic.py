@@ -42,7 +42,7 @@ def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]
     dev = model.device
     k = cfg.block_len
     adapter = adapter_for(model, cfg)
-    cache = model.new_cache(rows.size, cache_capacity(rows, k))
+    cache = model.new_cache(rows.size, cache_capacity(rows, k * (k + 1)))
     rows.forward(PREFILL)
     nxt, drafts = prefill(model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id, adapter=adapter)
     yield Step(PREFILL, [rows.emit(b, [int(nxt[b])]) for b in range(rows.size)])
