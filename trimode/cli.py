@@ -116,9 +116,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-
     from .checkpoint import load_model
-    from .decode import generate
+    from .decode import generations, prepare, run
     from .tokenizer import load_tokenizer
 
     path = BUNDLED if args.model == "bundled" else Path(args.model)
@@ -132,10 +131,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     ids = tok.encode(text)
     block_len = model.config.block_len if args.block_len is None else args.block_len
+    mode, cfg, rows = prepare(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens,
+                              block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id)
+    stream = tok.stream()
     t0 = time.perf_counter()
-    g = generate(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens, block_len=block_len,
-                 threshold=args.threshold, eos_id=tok.eos_id)[0]
+    for step in run(model, mode, cfg, rows):  # print text as each forward finalises it
+        if not args.json and step.new_tokens[0]:
+            print(stream.feed(step.new_tokens[0]), end="", flush=True)
     dt = time.perf_counter() - t0
+    g = generations(rows, mode)[0]
     out = tok.decode(g.tokens)
     st = g.stats
     if args.json:
@@ -144,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           **{k: st[k] for k in ("mode", "nfe", "nfe_decode", "tpf", "tpf_decode", "forwards",
                                                 "mean_acceptance")}}))
         return 0
-    print(out)
+    print(stream.flush())
     acc = f", mean acceptance {st['mean_acceptance']:.2f}" if st["mean_acceptance"] else ""
     print(f"\n[{args.mode}] {len(g.tokens)} tokens, {st['nfe']} forwards ({st['tpf']:.2f} tokens/forward, "
           f"{st['tpf_decode']:.2f} without prefill){acc}, {len(g.tokens) / dt:.1f} tokens/s, "
