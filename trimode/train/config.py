@@ -35,9 +35,12 @@ class TrainConfig:
     # -- data ---------------------------------------------------------------------------------------
     data: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    val_data: tuple[str, ...] = ()  # explicit validation files (else whole files split off by hash)
     suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl")
     max_file_bytes: int = 400_000
     text_field: str = "text"
+    prompt_field: str | None = None  # .jsonl prompt/response pairs become a user and an assistant turn
+    response_field: str | None = None
     tokenizer: str | None = None  # a dir with tokenizer.json; None: train a BPE (scratch) or use init's
     vocab_size: int = 4096
     seq_len: int = 256
@@ -71,6 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 200
     eval_batches: int = 8
+    eval_at_start: bool = False  # also evaluate the initial model (step 0), e.g. after --init
     log_every: int = 10
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -116,8 +116,15 @@ def chat_pieces(messages: list[dict]) -> Document:
     return pieces
 
 
-def read_documents(path: Path, *, text_field: str = "text") -> list[Document]:
-    """The documents of one file (a `.jsonl` gives one per non-empty line)."""
+def read_documents(
+    path: Path, *, text_field: str = "text", prompt_field: str | None = None, response_field: str | None = None
+) -> list[Document]:
+    """The documents of one file (a `.jsonl` gives one per non-empty line).
+
+    A `.jsonl` row is a chat (`messages`), a prompt/response pair (`prompt_field` and
+    `response_field` both set, e.g. GSM8K's question/answer: a user turn and an assistant turn) or
+    plain text (`text_field`).
+    """
     text = _read_text(path)
     if not text.strip():
         raise ValueError(f"corpus file {str(path)!r} is empty")
@@ -133,6 +140,11 @@ def read_documents(path: Path, *, text_field: str = "text") -> list[Document]:
             raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
         if isinstance(row, dict) and "messages" in row:
             docs.append(chat_pieces(row["messages"]))
+        elif prompt_field and response_field and isinstance(row, dict) and prompt_field in row:
+            if not isinstance(row.get(response_field), str):
+                raise ValueError(f"{path}:{n}: row lacks a string {response_field!r} field")
+            docs.append(chat_pieces([{"role": "user", "content": str(row[prompt_field])},
+                                     {"role": "assistant", "content": row[response_field]}]))
         elif isinstance(row, dict) and isinstance(row.get(text_field), str):
             docs.append([(row[text_field], True)])
         else:

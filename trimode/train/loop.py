@@ -219,6 +219,14 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
                 f.write(json.dumps(rec) + "\n")
 
     step = start
+    if start == 0 and rank == 0 and cfg.eval_at_start:
+        model.eval()
+        ev = evaluate(model, ds, cfg)
+        if ev:
+            write_log({"step": 0, **ev})
+            log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    if distributed:
+        dist.barrier()
     t_last, tok_since = time.perf_counter(), 0
     try:
         while step < end:

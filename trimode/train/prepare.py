@@ -31,7 +31,11 @@ class Dataset:
 def _fingerprint(cfg: TrainConfig) -> str:
     keys = ("data", "exclude", "suffixes", "max_file_bytes", "text_field", "tokenizer", "init",
             "vocab_size", "seq_len", "val_fraction", "seed")
-    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=str)
+    d = {k: getattr(cfg, k) for k in keys}
+    for k in ("prompt_field", "response_field", "val_data"):  # newer keys count only when set
+        if getattr(cfg, k):
+            d[k] = getattr(cfg, k)
+    blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -55,13 +59,23 @@ def build_dataset(cfg: TrainConfig, *, log=print) -> Dataset:
         if blob.get("fingerprint") == fp:
             return Dataset(tokenizer_dir=tok_dir, **blob["dataset"])
     files = D.resolve_files(cfg.data, suffixes=cfg.suffixes, exclude=cfg.exclude, max_file_bytes=cfg.max_file_bytes)
-    train_files, val_files = D.split_files(files, cfg.val_fraction, seed=cfg.seed)
-    docs_train = [(f, D.read_documents(f.path, text_field=cfg.text_field)) for f in train_files]
-    docs_val = [(f, D.read_documents(f.path, text_field=cfg.text_field)) for f in val_files]
+    if cfg.val_data:  # explicit held-out files instead of the hash split
+        train_files = files
+        val_files = D.resolve_files(cfg.val_data, suffixes=cfg.suffixes, exclude=cfg.exclude)
+    else:
+        train_files, val_files = D.split_files(files, cfg.val_fraction, seed=cfg.seed)
+    def read(f: D.CorpusFile) -> list[D.Document]:
+        return D.read_documents(f.path, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                                response_field=cfg.response_field)
+
+    docs_train = [(f, read(f)) for f in train_files]
+    docs_val = [(f, read(f)) for f in val_files]
 
     src_tok = Path(cfg.tokenizer) if cfg.tokenizer else (Path(cfg.init) if cfg.init else None)
     tok_dir.mkdir(parents=True, exist_ok=True)
-    if src_tok is not None:
+    if cfg.resume and (tok_dir / "tokenizer.json").exists():  # never retrain the tokenizer of a run
+        tok = _load_tok(tok_dir)
+    elif src_tok is not None:
         tok = _load_tok(src_tok)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (src_tok / name).exists():
