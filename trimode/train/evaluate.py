@@ -97,7 +97,11 @@ def decode_eval(model, prompts: list[list[int]], *, new: int, spec_lens=(2, 4, 8
     for mode in ("linear", "quadratic"):
         for k in spec_lens:
             t0 = time.perf_counter()
-            gens = generate(model, prompts, mode=mode, max_new_tokens=new, block_len=k)
+            try:
+                gens = generate(model, prompts, mode=mode, max_new_tokens=new, block_len=k)
+            except (RuntimeError, ValueError) as e:  # report a decoder failure, keep measuring the rest
+                res[f"{mode}_k{k}"] = {"error": str(e), "tpf_decode": float("nan"), "seconds": 0.0}
+                continue
             acc = [a for g in gens for a in g.stats["acceptance"]]
             res[f"{mode}_k{k}"] = {
                 "identical_to_ar": sum(g.tokens == r for g, r in zip(gens, ref)) / len(ref),
@@ -171,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{out['prompts']} prompts x {out['new_tokens']} new tokens (greedy)")
     print(f"{'decoder':<22}{'identical':>10}{'mean acc':>10}{'tpf_dec':>9}{'agree':>8}{'sec':>8}")
     for name, r in out["decode"].items():
+        if "error" in r:
+            print(f"{name:<22}error: {r['error']}")
+            continue
         acc = r.get("mean_acceptance")
         print(f"{name:<22}{_fmt(r.get('identical_to_ar')):>10}{_fmt(acc):>10}{r['tpf_decode']:>9.3f}"
               f"{_fmt(r.get('agreement_with_ar')):>8}{r['seconds']:>8.1f}")
