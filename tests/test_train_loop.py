@@ -24,8 +24,9 @@ def write_corpus(root: Path, n_files: int = 6) -> Path:
 def tiny_cfg(tmp_path: Path, **kw) -> TrainConfig:
     base = {
         "out_dir": str(tmp_path / "run"), "data": (str(write_corpus(tmp_path / "corpus")),), "preset": "micro",
-        "vocab_size": 300, "seq_len": 32, "batch_size": 8, "micro_batch_size": 4, "steps": 20, "lr": 3e-3, "min_lr": 3e-4,
-        "warmup_steps": 2, "block_lens": (4, 8), "val_fraction": 0.2, "save_every": 10, "eval_every": 10, "eval_batches": 2,
+        "vocab_size": 300, "seq_len": 32, "batch_size": 8, "micro_batch_size": 4, "steps": 20, "lr": 3e-3,
+        "min_lr": 3e-4, "warmup_steps": 2, "block_lens": (4, 8), "val_fraction": 0.2, "save_every": 10,
+        "eval_every": 10, "eval_batches": 2,
         "log_every": 1, "progress": False, "bf16": False, "seed": 0,
     }
     base.update(kw)
