@@ -148,3 +148,16 @@ def test_mode_without_mask_token_is_a_value_error():
     with pytest.raises(ValueError, match="mask"):
         generate(m, PROMPTS, mode="diffusion", max_new_tokens=4)
     assert len(generate(m, PROMPTS, mode="ar", max_new_tokens=4)[0].tokens) == 4
+
+
+@pytest.mark.parametrize("mode", ["linear", "quadratic"])
+def test_rows_finishing_mid_cycle_beside_slow_rows(models, mode):
+    """Row 0 always accepts and overshoots its budget mid-cycle while row 1 never accepts and keeps
+    drafting full blocks: the finished row must not grow the cache past its capacity."""
+    m = models[False]
+    prompts = [PROMPTS[0], PROMPTS[0]]
+    longer = [g.tokens for g in generate(m, prompts, mode="ar", max_new_tokens=24)]
+    stub = Oracle([longer[0], [(t + 1) % 95 for t in longer[1]]], 96, 95)  # row 0 right past any budget
+    for n in (5, 9, 10, 11):
+        out = generate(m, prompts, mode=mode, max_new_tokens=n, block_len=4, draft_override=stub)
+        assert [g.tokens for g in out] == [t[:n] for t in longer]

@@ -93,12 +93,13 @@ def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]
                        cache=cache)
         ar = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K)
         n_acc = accept_greedy(drafts, ar)  # (B,)
-        active = rows.active_mask(dev)
-        cache.commit(torch.where(active, n_acc + 1, torch.zeros_like(n_acc)))
         verified = rows.forward(VERIFY)
         out: list[list[int] | None] = [None] * rows.size
         for b in verified:
             out[b] = rows.emit(b, ar[b, : int(n_acc[b]) + 1].tolist())
+        # Only rows still decoding commit: a row that just finished may have accepted past its budget,
+        # and growing its cache would make it overflow beside rows that keep writing full blocks.
+        cache.commit(torch.where(rows.active_mask(dev), n_acc + 1, torch.zeros_like(n_acc)))
         nxt = ar.gather(1, n_acc[:, None]).squeeze(1)
         drafts = None
         yield Step(VERIFY, out)

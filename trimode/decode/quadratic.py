@@ -76,12 +76,12 @@ def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]
         ar = pred[:, :K]  # ar[:, j]: AR prediction after d_j
         sub_drafts = pred[:, K:].view(B, K, K - 1)  # sub_drafts[:, j]: drafts after ar[:, j]
         n_ok = accept_greedy(drafts, ar) + 1  # heads d_0 .. d_{n_ok-1} are correct
-        active = rows.active_mask(dev)
-        cache.compact(head_slots.expand(B, K), torch.where(active, n_ok, torch.zeros_like(n_ok)))
         stepped = rows.forward(QUADRATIC)
         out: list[list[int] | None] = [None] * B
         for b in stepped:
             out[b] = rows.emit(b, ar[b, : int(n_ok[b])].tolist())
+        # Only rows still decoding keep their heads (see linear.py: finished rows must not grow).
+        cache.compact(head_slots.expand(B, K), torch.where(rows.active_mask(dev), n_ok, torch.zeros_like(n_ok)))
         last = (n_ok - 1)[:, None]
         nxt = ar.gather(1, last).squeeze(1)
         drafts = sub_drafts.gather(1, last[:, :, None].expand(B, 1, K - 1)).squeeze(1)
