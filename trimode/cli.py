@@ -80,11 +80,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, tok, label = load_bundled()
     block_len = model.config.block_len if args.block_len is None else args.block_len
     if tok is not None:
+        # Prompts end before a newline: the BPE merges a newline with the indentation after it, so a
+        # prompt ending in a bare "\n" puts the model off its training distribution.
         texts = args.prompt or [
-            "def fibonacci(n):\n",
-            "import os\n\n\ndef list_files(path):\n",
-            "class Stack:\n    def __init__(self):\n",
-            "def is_prime(n):\n    \"\"\"Return True if n is prime.\"\"\"\n",
+            "def fibonacci(n):",
+            "import os\n\n\ndef list_files(path):",
+            "class Stack:\n    def __init__(self):",
+            "def is_prime(n):\n    \"\"\"Return True if n is prime.\"\"\"",
         ]
         prompts = [tok.encode(t) for t in texts]
     else:
