@@ -96,11 +96,11 @@ def prepare(
     m = Mode.parse(mode)
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
-        stop=tuple(stop or ()), eos_id=eos_id, draft_adapter=draft_adapter, draft_override=draft_override,
+        draft_adapter=draft_adapter, draft_override=draft_override,
     )
     _validate(model, prompts, m, max_new_tokens, stop)
     eos = eos_id if eos_id is not None else model.config.eos_token_id
-    stop_ids = set(cfg.stop) | ({eos} if eos is not None else set())
+    stop_ids = set(stop or ()) | ({eos} if eos is not None else set())
     return m, cfg, Rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
 
 

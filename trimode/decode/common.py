@@ -29,14 +29,12 @@ DraftOverride = Callable[[torch.Tensor, Sequence[Sequence[int]]], torch.Tensor]
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Per-call decoding options, validated once."""
+    """Per-call decoding options, validated once. (EOS and stop ids live in `Rows.stop_ids`.)"""
 
     max_new_tokens: int
     block_len: int = 32
     threshold: float | None = 0.9  # diffusion: confidence threshold; None = even schedule
     steps: int | None = None  # diffusion even schedule: denoising forwards per block (default block_len - 1)
-    stop: tuple[int, ...] = ()
-    eos_id: int | None = None
     draft_adapter: str | None = "draft"  # used in draft passes when the model has it
     draft_override: DraftOverride | None = field(default=None, compare=False)
 
