@@ -18,6 +18,10 @@ EXTERNAL = {
     "train": ("trimode.train.cli", "train a model with the joint AR + diffusion recipe"),
     "plot": ("trimode.train.plot", "plot a training log (JSONL) to PNG"),
     "convert": ("trimode.convert", "convert a GGUF / Hugging Face model to the trimode format"),
+    "bench": ("trimode.bench.cli", "benchmark every mode: tokens/forward, speed-of-light, peers, roofline"),
+    "serve": ("trimode.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),
+    "train-drafter": ("trimode.train.drafter", "train the LoRA drafter (draft passes only) by self-distillation"),
+    "train-sampler": ("trimode.train.sampler", "train the learned unmasking sampler for diffusion mode"),
 }
 
 
