@@ -1,0 +1,383 @@
+"""The FastAPI app: OpenAI-compatible routes over an `Engine`.
+
+Handlers only parse, validate, tokenize (in a thread: a long prompt must not stall the loop), submit a
+`Job` and then await events from an asyncio queue that the engine's worker fills through
+`loop.call_soon_threadsafe`. Every error a request can cause is an `APIError`, answered with a 4xx
+in the OpenAI shape {"error": {"message", "type", "param", "code"}}; 5xx means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import schemas
+from .engine import Engine, Job
+from .schemas import APIError
+
+log = logging.getLogger("trimode.serve")
+
+# Special tokens that end an assistant turn in common chat templates (added to the stop ids of chat requests).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>")
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    context: int  # the model's max_seq_len
+    vocab_size: int
+    has_mask: bool = True
+    default_mode: str = "auto"
+    default_block_len: int = 8
+    default_threshold: float = 0.9
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    max_prompt_tokens: int | None = None  # None: the context minus one
+    max_block_len: int = 64
+    request_timeout: float = 300.0
+    max_body_bytes: int = 1 << 20
+    created: int = field(default_factory=schemas.now)
+
+    @property
+    def prompt_limit(self) -> int:
+        cap = self.context - 1
+        return cap if self.max_prompt_tokens is None else min(self.max_prompt_tokens, cap)
+
+
+def sampling_available() -> bool:
+    try:
+        from .. import sampling  # noqa: F401  (issue 6)
+    except ImportError:
+        return False
+    return True
+
+
+def _error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(schemas.error_body(message, type=type, code=code), status_code=status, headers=headers)
+
+
+class _RequestCounter:
+    """ASGI middleware: count answered requests by route and status code."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in self.ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        status = {"code": 0}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.inc(endpoint=route, status=str(status["code"] or 499))
+
+
+def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_engine: bool = True) -> FastAPI:
+    """The app; with manage_engine the engine starts and stops with the app's lifespan."""
+    metrics = engine.metrics
+    s = settings
+    chat_stop = {t for t in (tokenizer.token_to_id(n) for n in END_OF_TURN) if t is not None}
+    eos = tokenizer.eos_id
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="trimode", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_RequestCounter, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"internal server error ({type(e).__name__})", type="server_error")
+
+    # -- plain routes ---------------------------------------------------------------------------
+    def model_card() -> dict[str, Any]:
+        return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "trimode",
+                "max_model_len": s.context}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict:
+        if model_id != s.model_name:
+            raise APIError(404, f"model {model_id!r} not found; this server serves {s.model_name!r}",
+                           type="not_found_error", param="model", code="model_not_found")
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        snap = engine.snapshot()
+        if not engine.alive:
+            return JSONResponse({"status": "dead", **snap}, status_code=503)
+        return JSONResponse({"status": "ok", **snap})
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- request handling -----------------------------------------------------------------------
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise APIError(400, "invalid Content-Length header")
+            if int(length) > s.max_body_bytes:
+                raise APIError(413, f"request body of {length} bytes exceeds the limit of {s.max_body_bytes}",
+                               code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > s.max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {s.max_body_bytes} bytes",
+                               code="body_too_large")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        try:
+            return json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"the request body is not valid UTF-8: {e}") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integer literals, deep nesting
+            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+
+    def check_model(req: schemas._Common) -> None:
+        if req.model is not None and req.model != s.model_name:
+            raise APIError(404, f"model {req.model!r:.80} not found; this server serves {s.model_name!r}",
+                           type="not_found_error", param="model", code="model_not_found")
+
+    def decoding(req: schemas._Common) -> tuple[str, int, float]:
+        d = req.decoding or schemas.Decoding()
+        mode = d.mode or s.default_mode
+        block_len = d.block_len if d.block_len is not None else s.default_block_len
+        threshold = d.threshold if d.threshold is not None else s.default_threshold
+        if block_len > s.max_block_len:
+            raise APIError(400, f"decoding.block_len = {block_len} exceeds the server limit of {s.max_block_len}",
+                           param="decoding.block_len")
+        if mode not in ("ar", "auto") and not s.has_mask:
+            raise APIError(400, f"decoding.mode = {mode!r} needs a mask token, which this model has not",
+                           param="decoding.mode")
+        return mode, block_len, threshold
+
+    def sampling(req: schemas._Common):
+        greedy = (req.temperature in (None, 0)) and (req.top_p in (None, 1))
+        if greedy:
+            return None
+        if not sampling_available():
+            bad = "temperature" if req.temperature not in (None, 0) else "top_p"
+            raise APIError(400, f"'{bad}' = {getattr(req, bad)!r} needs sampling, which this build does not "
+                                f"support yet; decoding is greedy (temperature 0, top_p 1)", param=bad,
+                           code="unsupported_value")
+        from ..sampling import SamplingParams  # issue 6
+
+        try:
+            return SamplingParams(temperature=req.temperature if req.temperature is not None else 1.0,
+                                  top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def budget(req: schemas._Common, n_prompt: int) -> int:
+        if n_prompt > s.prompt_limit:
+            raise APIError(400, f"the prompt has {n_prompt} tokens, more than the limit of {s.prompt_limit}",
+                           param="prompt", code="context_length_exceeded")
+        room = s.context - n_prompt
+        if req.max_tokens is None:
+            return max(1, min(s.default_max_tokens, room))
+        if req.max_tokens > s.max_tokens_limit:
+            raise APIError(400, f"max_tokens = {req.max_tokens} exceeds the server limit of {s.max_tokens_limit}",
+                           param="max_tokens")
+        if req.max_tokens > room:
+            raise APIError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({req.max_tokens}) exceeds the "
+                                f"context of {s.context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return req.max_tokens
+
+    def encode_completion(req: schemas.CompletionRequest) -> list[int]:
+        p = req.prompt_input()
+        if isinstance(p, list):
+            bad = [t for t in p if not 0 <= t < s.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token ids must lie in [0, {s.vocab_size}), got {bad[:5]}",
+                               param="prompt")
+            return p
+        if len(p) > 8 * s.prompt_limit + 64:  # cheaper than tokenizing a megabyte to say no
+            raise APIError(400, f"the prompt has {len(p)} characters, far more than the limit of "
+                                f"{s.prompt_limit} tokens", param="prompt", code="context_length_exceeded")
+        return tokenizer.encode(p)
+
+    def encode_chat(req: schemas.ChatRequest) -> list[int]:
+        messages = req.chat_messages()
+        if sum(len(m["content"]) for m in messages) > 8 * s.prompt_limit + 64:
+            raise APIError(400, f"the messages are far longer than the limit of {s.prompt_limit} tokens",
+                           param="messages", code="context_length_exceeded")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        except Exception as e:  # noqa: BLE001 (jinja errors raised by the template on these messages)
+            raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}"[:300],
+                           param="messages") from None
+        return tokenizer.encode(text)
+
+    async def prepare(request: Request, cls, chat: bool) -> tuple[schemas._Common, Job, asyncio.Queue]:
+        req = schemas.parse(cls, await read_json(request))
+        check_model(req)
+        stops = req.stop_list()
+        mode, block_len, threshold = decoding(req)
+        samp = sampling(req)
+        ids = await asyncio.to_thread(encode_chat if chat else encode_completion, req)
+        if not ids:
+            raise APIError(400, "the prompt encodes to zero tokens", param="messages" if chat else "prompt")
+        max_tokens = budget(req, len(ids))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: tuple) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        stop_ids = frozenset(({eos} if eos is not None else set()) | (chat_stop if chat else set()))
+        job = Job(prompt=ids, max_tokens=max_tokens, mode=mode, block_len=block_len, threshold=threshold,
+                  stop_ids=stop_ids, stops=stops, sink=sink, sampling=samp)
+        engine.submit(job)  # APIError 429 when the queue is full
+        return req, job, queue
+
+    async def events(request: Request, job: Job, queue: asyncio.Queue, *, watch: bool) -> AsyncIterator[tuple]:
+        """The job's events until done / error; cancels the job on timeout, disconnect or exit."""
+        deadline = time.monotonic() + s.request_timeout
+        gone = asyncio.ensure_future(request.receive()) if watch else None
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                wait = [get] + ([gone] if gone is not None else [])
+                done, _ = await asyncio.wait(wait, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    if gone is not None and gone in done:
+                        msg = gone.result()
+                        if msg.get("type") == "http.disconnect":
+                            engine.cancel(job)
+                            return
+                        gone = asyncio.ensure_future(request.receive())
+                        continue
+                    engine.cancel(job)
+                    metrics.rejected.inc(reason="timeout")
+                    raise APIError(408, f"the request did not finish within {s.request_timeout:g} s "
+                                        f"(--request-timeout)", type="timeout_error", code="timeout")
+                ev = get.result()
+                yield ev
+                if ev[0] in ("done", "error"):
+                    return
+        finally:
+            if gone is not None:
+                gone.cancel()
+            if not job.finished:
+                engine.cancel(job)
+
+    async def complete(request: Request, chat: bool) -> Response:
+        req, job, queue = await prepare(request, schemas.ChatRequest if chat else schemas.CompletionRequest, chat)
+        rid = schemas.new_id("chatcmpl" if chat else "cmpl")
+        created = schemas.now()
+        name = s.model_name
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(request, job, queue, rid, created, name, chat, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        parts: list[str] = []
+        info = None
+        async for ev in events(request, job, queue, watch=True):
+            if ev[0] == "decoding":
+                info = ev[1]
+            elif ev[0] == "text":
+                parts.append(ev[1])
+            elif ev[0] == "error":
+                raise ev[1]
+            elif ev[0] == "done":
+                build = schemas.chat if chat else schemas.completion
+                return JSONResponse(build(rid, name, created, "".join(parts), _finish(ev[1]), ev[2], info))
+        return Response(status_code=499)  # the client went away
+
+    async def stream(request, job, queue, rid, created, name, chat, include_usage) -> AsyncIterator[bytes]:
+        def sse(obj: dict) -> bytes:
+            return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+        if chat:
+            yield sse(schemas.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, None))
+        info = None
+        try:
+            async for ev in events(request, job, queue, watch=False):
+                if ev[0] == "decoding":
+                    info = ev[1]
+                elif ev[0] == "text":
+                    if chat:
+                        yield sse(schemas.chat_chunk(rid, name, created, {"content": ev[1]}, None))
+                    else:
+                        yield sse(schemas.completion_chunk(rid, name, created, ev[1], None))
+                elif ev[0] == "error":
+                    yield sse(ev[1].body())
+                elif ev[0] == "done":
+                    finish = _finish(ev[1])
+                    if chat:
+                        yield sse(schemas.chat_chunk(rid, name, created, {}, finish))
+                    else:
+                        yield sse(schemas.completion_chunk(rid, name, created, "", finish))
+                    if include_usage:
+                        obj = "chat.completion.chunk" if chat else "text_completion"
+                        yield sse(schemas.usage_chunk(rid, name, created, obj, ev[2], info))
+        except APIError as e:  # a timeout once streaming has begun: report it in the stream
+            yield sse(e.body())
+        yield b"data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, chat=True)
+
+    return app
+
+
+def _finish(reason: str) -> str:
+    """OpenAI finish reasons: EOS / stop token / stop string -> "stop", budget -> "length"."""
+    return "length" if reason == "length" else "stop"

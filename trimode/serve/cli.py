@@ -1,0 +1,142 @@
+"""`trimode serve --model DIR`: the OpenAI-compatible HTTP server (FastAPI + uvicorn, the `serve` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+# "auto" runs speculative decoding while running + queued requests <= the crossover. Without a
+# measurement (serving.json, written by `trimode bench --write-crossover`) we assume 8: speculation
+# pays while a forward is memory-bound, and batches of a handful of rows already fill a small device.
+FALLBACK_CROSSOVER = 8
+SERVING_JSON = "serving.json"
+
+
+def model_dir(name: str) -> Path:
+    if name == "bundled":
+        from ..cli import BUNDLED
+
+        return BUNDLED
+    return Path(name)
+
+
+def read_crossover(path: Path) -> tuple[int, str]:
+    """The auto crossover from DIR/serving.json, or the fallback; returns (value, where it came from)."""
+    f = path / SERVING_JSON
+    if not f.is_file():
+        return FALLBACK_CROSSOVER, f"fallback (no {SERVING_JSON})"
+    try:
+        value = json.loads(f.read_text())["auto_crossover"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{f}: expected {{\"auto_crossover\": N}}: {e}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{f}: auto_crossover must be a non-negative integer, got {value!r}")
+    return value, str(f)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trimode serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+                    "/metrics) with continuous batching and load-aware decoding-mode selection.")
+    p.add_argument("--model", required=True, help="checkpoint directory (native, NLD or HF), or 'bundled'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory "
+                                                             "name, 'bundled' for the bundled model)")
+    g = p.add_argument_group("decoding defaults (a request's \"decoding\" field overrides them)")
+    g.add_argument("--mode", default="auto", choices=["auto", "ar", "diffusion", "linear", "quadratic"])
+    g.add_argument("--spec-mode", default="linear", choices=["linear", "quadratic"],
+                   help="the speculative mode 'auto' uses at low load (linear measured faster on the bundled "
+                        "model; docs/serving.md)")
+    g.add_argument("--auto-crossover", type=int, default=None,
+                   help=f"'auto' decodes speculatively while running + queued requests <= N, AR above. Default: "
+                        f"auto_crossover from DIR/{SERVING_JSON} (trimode bench --write-crossover), else "
+                        f"{FALLBACK_CROSSOVER}")
+    g.add_argument("--block-len", type=int, default=8, help="diffusion block / draft length")
+    g.add_argument("--threshold", type=float, default=0.9, help="diffusion confidence threshold")
+    g.add_argument("--default-max-tokens", type=int, default=256,
+                   help="max_tokens when a request omits it (capped by the context left)")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context - 1")
+    lim.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    lim.add_argument("--max-running", type=int, default=64, help="requests decoded at once (the batch)")
+    lim.add_argument("--max-queue", type=int, default=256,
+                     help="requests waiting for a slot; beyond it: 429 with Retry-After")
+    lim.add_argument("--max-block-len", type=int, default=64, help="largest decoding.block_len a request may ask")
+    lim.add_argument("--request-timeout", type=float, default=300.0,
+                     help="seconds from arrival to the last token; then 408 (or an error event in a stream)")
+    lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: as stored)")
+    rt.add_argument("--device", default="cpu")
+    rt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    rt.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def build(args: argparse.Namespace):
+    """Load the model and tokenizer and build (app, engine, settings) from parsed flags."""
+    import torch
+
+    from ..checkpoint import load_model
+    from ..cli import _dtype
+    from ..tokenizer import load_tokenizer
+    from .app import ServerSettings, create_app
+    from .engine import Engine, EngineConfig
+
+    path = model_dir(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    crossover, source = (args.auto_crossover, "--auto-crossover") if args.auto_crossover is not None \
+        else read_crossover(path)
+    for name in ("max_running", "max_tokens_limit", "default_max_tokens", "max_block_len", "max_body_bytes",
+                 "block_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.request_timeout <= 0:
+        raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    model = load_model(path, dtype=_dtype(args.dtype), device=args.device)
+    tok = load_tokenizer(path)
+    if tok is None:
+        raise ValueError(f"{path} has no tokenizer.json; the server needs one")
+    tok.check_model(model.config)
+    c = model.config
+    settings = ServerSettings(
+        model_name=args.served_model_name or path.name, context=c.max_seq_len, vocab_size=c.vocab_size,
+        has_mask=c.mask_token_id is not None, default_mode=args.mode, default_block_len=args.block_len,
+        default_threshold=args.threshold, default_max_tokens=args.default_max_tokens,
+        max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+        max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
+    if args.mode not in ("ar", "auto") and not settings.has_mask:
+        raise ValueError(f"--mode {args.mode} needs a mask token, which this model has not")
+    engine = Engine(model, tok, EngineConfig(max_running=args.max_running, max_queue=args.max_queue,
+                                             spec_mode=args.spec_mode, auto_crossover=crossover,
+                                             default_max_tokens=args.max_tokens_limit))
+    return create_app(engine, tok, settings), engine, settings, source
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError as e:
+        print(f"trimode serve: needs the serve extra (pip install 'trimode[serve]'): {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        app, engine, settings, source = build(args)
+    except ValueError as e:
+        print(f"trimode serve: error: {e}", file=sys.stderr)
+        return 2
+    cfg = engine.config
+    print(f"trimode serve: model {settings.model_name!r} ({args.model}), mode {args.mode}, auto: "
+          f"{cfg.spec_mode} while load <= {cfg.auto_crossover} ({source}), else ar; "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5, access_log=False))
+    server.run()
+    return 0 if server.started else 1
