@@ -1,0 +1,402 @@
+"""Sampling at temperature > 0 and the acceptance rules of speculative decoding.
+
+Pure tensor-in / tensor-out functions, batched over rows (each row may carry its own parameters),
+plus one small state object per request (`RowRandom`: its torch.Generator and the uniforms drawn
+from it). Vocabulary (vLLM): a verify step *accepts* a prefix of the drafts, then emits either a
+*recovered* token (at the first rejection) or a *bonus* token (all drafts accepted).
+
+Processing (`process_logits`), the same for every distribution we sample from or compare, draft
+and target alike: logits / temperature -> softmax -> top-k -> top-p (nucleus, on the top-k
+renormalised mass) -> min-p (relative to the most likely token) -> renormalise. Temperature 0 is
+greedy: a one-hot distribution on the argmax.
+
+Sampling draws one uniform per token and inverts the CDF (`sample`), so a sample is a deterministic
+function of (distribution, uniform). Uniforms come from the request's own generator and are keyed
+by the *generated-token index* (`RowRandom.at`): the uniforms used for token t are the t-th chunk
+of the generator's stream, whatever the cycle structure, draft length or batch around the request.
+Hence: same seed, same output at batch 1 and inside any batch; and the `match` rule emits exactly
+the tokens AR sampling emits for the same seed (both sample token t from the same distribution
+with the same uniform).
+
+Acceptance rules (for drafts d_1..d_n proposed after the newest emitted token):
+
+- `accept_match` (verify-by-sampling): sample y_i ~ p_i from the verifier at every position, accept
+  while y_i == d_i, emit y_0..y_c. Every emitted token is a target sample given the emitted prefix,
+  whatever produced the drafts, so it is lossless for any draft.
+- `accept_rejection` (Leviathan et al. 2023, arXiv 2211.17192, Alg. 1; Chen et al. 2023, arXiv
+  2302.01318, Alg. 2): accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+  rejection emit a recovered token from normalise(max(0, p_i - q_i)); if all n are accepted, emit a
+  bonus token from p_{n+1}. Lossless only if, given everything emitted so far (and anything else
+  the acceptance decisions have revealed), d_i was drawn from exactly the recorded q_i with fresh
+  randomness. Which of our drafts satisfy this is decided by `resolve_rule`; docs/sampling.md
+  gives the argument for each mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+ACCEPTANCE_RULES = ("match", "rejection", "auto")
+
+# Streams of position-keyed uniforms: column of RowRandom.at(...)[:, i].
+U_SAMPLE, U_ACCEPT, U_RESIDUAL, U_DRAFT = 0, 1, 2, 3
+N_STREAMS = 4
+_CHUNK = 64  # positions drawn per generator call; fixed, so the stream never depends on call sizes
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling controls.
+
+    temperature: 0 = greedy (argmax; every other field but `seed` is then ignored). top_k: keep the
+    k most likely tokens (0 = off). top_p: keep the smallest set of most likely tokens whose mass
+    reaches top_p (1.0 = off). min_p: drop tokens below min_p times the most likely token's
+    probability (0.0 = off). seed: seeds this request's own torch.Generator (None: a
+    nondeterministic seed, reported in the row's stats). acceptance: speculative modes' rule,
+    "match" (verify-by-sampling), "rejection" (Leviathan/Chen) or "auto" (rejection where the
+    draft makes it valid, else match).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    acceptance: str = "auto"
+
+    def __post_init__(self) -> None:
+        def is_num(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_num(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p!r}")
+        if not is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must lie in [0, 1] (0 = off), got {self.min_p!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE_RULES)}, got {self.acceptance!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def resolve_rule(params: SamplingParams | None, *, independent_draft: bool) -> str:
+    """The rule a row actually uses: "greedy", "match" or "rejection".
+
+    independent_draft: the decoder's drafts were each sampled, with fresh randomness, from a
+    recorded distribution q_i that depends only on what is already emitted (one draft pass, no
+    confidence ordering, no external override). Only then is "rejection" valid; "auto" picks it
+    there and "match" elsewhere, and an explicit "rejection" falls back to "match" (the row's stats
+    say which rule ran).
+    """
+    if params is None or params.greedy:
+        return "greedy"
+    if params.acceptance == "match" or not independent_draft:
+        return "match"
+    return "rejection"
+
+
+# --- per-request randomness -------------------------------------------------------------------
+
+
+class RowRandom:
+    """A request's generator and the uniforms drawn from it.
+
+    `at(start, n)` returns the (n, N_STREAMS) float64 uniforms of generated tokens start..start+n-1:
+    row t is always the t-th chunk of N_STREAMS draws of the generator's stream (drawn lazily, in
+    fixed-size blocks), so a token's randomness depends only on the seed and its index. `fresh(n)`
+    draws new uniforms in call order (diffusion mode); a decoder uses one or the other, not both.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.seed = self.generator.initial_seed()
+        self._buf = torch.empty(0, N_STREAMS, dtype=torch.float64)
+
+    def at(self, start: int, n: int) -> torch.Tensor:
+        while self._buf.shape[0] < start + n:
+            more = torch.rand(_CHUNK, N_STREAMS, dtype=torch.float64, generator=self.generator)
+            self._buf = torch.cat([self._buf, more])
+        return self._buf[start : start + n]
+
+    def fresh(self, n: int) -> torch.Tensor:
+        return torch.rand(n, dtype=torch.float64, generator=self.generator)
+
+
+def uniforms_at(
+    rngs: Sequence[RowRandom | None], starts: Sequence[int], n: int, *, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(B, n, N_STREAMS) position-keyed uniforms; rows without a RowRandom (greedy) get zeros."""
+    out = torch.zeros(len(rngs), n, N_STREAMS, dtype=torch.float64)
+    for b, (r, s) in enumerate(zip(rngs, starts)):
+        if r is not None and n > 0:
+            out[b] = r.at(int(s), n)
+    return out.to(device)
+
+
+def fresh_uniforms(
+    rngs: Sequence[RowRandom | None], n: int, *, only: torch.Tensor | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(B, n) fresh uniforms from each row's generator; rows that are greedy or not in `only` (a (B,)
+    bool) draw nothing and get zeros."""
+    out = torch.zeros(len(rngs), n, dtype=torch.float64)
+    flags = only.tolist() if only is not None else [True] * len(rngs)
+    for b, r in enumerate(rngs):
+        if r is not None and flags[b] and n > 0:
+            out[b] = r.fresh(n)
+    return out.to(device)
+
+
+# --- logits processing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchParams:
+    """SamplingParams of a batch as (B,) tensors (greedy rows have temperature 0)."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams | None], device: torch.device | str = "cpu") -> BatchParams:
+        ps = [p if p is not None else SamplingParams(temperature=0.0) for p in params]
+
+        def t(vals: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(vals, dtype=dtype, device=device)
+
+        return cls(
+            t([float(p.temperature) for p in ps], torch.float64),
+            t([p.top_k for p in ps], torch.long),
+            t([float(p.top_p) for p in ps], torch.float64),
+            t([float(p.min_p) for p in ps], torch.float64),
+        )
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> BatchParams:
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.temperature.device)
+        return BatchParams(self.temperature[idx], self.top_k[idx], self.top_p[idx], self.min_p[idx])
+
+
+def process_logits(logits: torch.Tensor, params: BatchParams) -> torch.Tensor:
+    """Logits (B, ..., V) -> normalised probabilities (B, ..., V), row b processed with row b's params.
+
+    Computed in float64 for float64 logits, else float32. Temperature-0 rows become one-hot on the
+    argmax (first index among ties, like torch.argmax). Tokens with logit -inf (the mask id) keep
+    probability 0. top-k and top-p always keep the most likely token, so no row ends up empty.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(dtype)
+    B, V = x.shape[0], x.shape[-1]
+    view = (B,) + (1,) * (x.dim() - 1)
+    temp = params.temperature.to(dtype).view(view)
+    greedy = temp == 0
+    probs = torch.softmax(x / torch.where(greedy, torch.ones_like(temp), temp), dim=-1)
+    top_k, top_p = params.top_k.view(view), params.top_p.to(dtype).view(view)
+    if bool(((params.top_k > 0) & (params.top_k < V)).any()) or bool((params.top_p < 1).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        rank = torch.arange(V, device=x.device)
+        keep = (top_k <= 0) | (rank < top_k)  # top-k
+        kept = sorted_p * keep
+        mass_before = kept.cumsum(-1) - kept  # mass of more likely tokens, within the top-k
+        keep = keep & ((top_p >= 1) | (mass_before < top_p * kept.sum(-1, keepdim=True)))  # nucleus
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    if bool((params.min_p > 0).any()):
+        min_p = params.min_p.to(dtype).view(view)
+        probs = torch.where(probs >= min_p * probs.amax(-1, keepdim=True), probs, torch.zeros_like(probs))
+    probs = probs / probs.sum(-1, keepdim=True)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter(-1, x.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy, onehot, probs)
+    return probs
+
+
+def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs (..., V) (need not sum exactly to 1), u (...) in [0, 1) -> tokens (...).
+
+    Returns the smallest index whose cumulative mass exceeds u * total, so tokens of probability 0
+    are never drawn. Deterministic given (probs, u).
+    """
+    cdf = probs.to(torch.float64).cumsum(-1)
+    target = (u.to(torch.float64) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+# --- acceptance rules -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """Outcome of one verify step for a batch.
+
+    accepted: (B,) drafts accepted, in [0, n]. tokens: (B, n + 1); row b emits tokens[b, :accepted[b] + 1]
+    (the accepted drafts, then the recovered or bonus token). recovered: (B,) True where the last
+    emitted token was recovered after a rejection, False where it is the bonus (all n accepted).
+    """
+
+    accepted: torch.Tensor
+    tokens: torch.Tensor
+    recovered: torch.Tensor
+
+
+def _prefix_len(ok: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool -> (B,) length of the leading run of True."""
+    if ok.shape[1] == 0:
+        return torch.zeros(ok.shape[0], dtype=torch.long, device=ok.device)
+    return ok.long().cumprod(dim=1).sum(dim=1)
+
+
+def accept_match(drafts: torch.Tensor, p: torch.Tensor, u_sample: torch.Tensor) -> Acceptance:
+    """Verify-by-sampling. drafts (B, n); p (B, n + 1, V) processed target distributions, p[:, i]
+    for the slot of drafts[:, i] (p[:, n] is the bonus slot); u_sample (B, n + 1) uniforms.
+
+    y_i = sample(p_i, u_i); accept while y_i == d_i; emit y_0..y_c. Valid for any drafts.
+    """
+    n = drafts.shape[1]
+    y = sample(p, u_sample)  # (B, n + 1)
+    accepted = _prefix_len(y[:, :n] == drafts)
+    return Acceptance(accepted, y, accepted < n)
+
+
+def accept_rejection(
+    drafts: torch.Tensor,
+    q: torch.Tensor,
+    p: torch.Tensor,
+    u_accept: torch.Tensor,
+    u_residual: torch.Tensor,
+    u_sample: torch.Tensor,
+) -> Acceptance:
+    """Leviathan/Chen speculative sampling, batched.
+
+    drafts (B, n), each drawn from q (B, n, V); p (B, n + 1, V) target distributions, p[:, i] for
+    the slot of drafts[:, i] given drafts[:, :i]; uniforms u_accept (B, n), u_residual (B, n),
+    u_sample (B, n + 1) (only u_sample[:, n] is used: the bonus). Draft i is accepted iff
+    u_accept_i * q_i(d_i) < p_i(d_i) (probability min(1, p/q)); the recovered token at the first
+    rejection i is sample(max(0, p_i - q_i), u_residual_i); the bonus is sample(p_n, u_sample_n).
+    """
+    B, n = drafts.shape
+    if n == 0:
+        bonus = sample(p[:, 0], u_sample[:, 0])[:, None]
+        return Acceptance(torch.zeros(B, dtype=torch.long, device=drafts.device), bonus,
+                          torch.zeros(B, dtype=torch.bool, device=drafts.device))
+    pd = p[:, :n].gather(-1, drafts[..., None]).squeeze(-1).to(torch.float64)  # (B, n)
+    qd = q.gather(-1, drafts[..., None]).squeeze(-1).to(torch.float64)
+    accepted = _prefix_len(u_accept * qd < pd)
+    residual = (p[:, :n].to(torch.float64) - q.to(torch.float64)).clamp(min=0)  # (B, n, V)
+    # A rejection needs p(d) < q(d) somewhere, so the residual has mass; the guard only catches p == q
+    # up to rounding, where falling back to p keeps the sample well defined.
+    empty = residual.sum(-1, keepdim=True) <= 0
+    residual = torch.where(empty, p[:, :n].to(torch.float64), residual)
+    recovered_tok = sample(residual, u_residual)  # (B, n)
+    bonus = sample(p[:, n], u_sample[:, n])  # (B,)
+    fix = torch.cat([recovered_tok, bonus[:, None]], dim=1)  # (B, n + 1): token emitted if stopping at i
+    tokens = torch.cat([drafts, bonus[:, None]], dim=1)
+    at = accepted[:, None]
+    tokens = tokens.scatter(1, at, fix.gather(1, at))
+    return Acceptance(accepted, tokens, accepted < n)
+
+
+def accept(
+    drafts: torch.Tensor,
+    p: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    q: torch.Tensor | None = None,
+    rejection: torch.Tensor | None = None,
+) -> Acceptance:
+    """Per-row rule: `rejection` (B,) bool picks Leviathan/Chen for its rows (needs q), the others
+    verify by sampling. u: (B, n + 1, N_STREAMS) position-keyed uniforms of the n + 1 slots."""
+    n = drafts.shape[1]
+    m = accept_match(drafts, p, u[:, :, U_SAMPLE])
+    if rejection is None or q is None or not bool(rejection.any()):
+        return m
+    r = accept_rejection(drafts, q, p, u[:, :n, U_ACCEPT], u[:, :n, U_RESIDUAL], u[:, :, U_SAMPLE])
+    sel = rejection.to(drafts.device)
+    return Acceptance(
+        torch.where(sel, r.accepted, m.accepted),
+        torch.where(sel[:, None], r.tokens, m.tokens),
+        torch.where(sel, r.recovered, m.recovered),
+    )
+
+
+# --- statistics helpers (tests and scripts; no scipy needed) -----------------------------------
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    """Survival function of the chi-square distribution: P(X >= stat), X ~ chi2(df)."""
+    if df <= 0:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def chi2_goodness_of_fit(counts: torch.Tensor, probs: torch.Tensor, *, min_expected: float = 5.0) -> tuple[float, int]:
+    """Pearson statistic and degrees of freedom of observed `counts` (V,) against `probs` (V,).
+
+    Cells with expected count below `min_expected` are pooled into one cell (dropped if that pool is
+    still below it, with its counts checked separately by the caller if it matters). An observation
+    in a cell of probability 0 makes the statistic infinite.
+    """
+    counts = counts.to(torch.float64)
+    probs = probs.to(torch.float64) / probs.sum()
+    n = counts.sum()
+    if bool(((probs == 0) & (counts > 0)).any()):
+        return float("inf"), max(int((probs > 0).sum()) - 1, 1)
+    exp = probs * n
+    big = exp >= min_expected
+    obs_cells = [counts[big]]
+    exp_cells = [exp[big]]
+    small_exp = exp[~big].sum()
+    if small_exp >= min_expected:
+        obs_cells.append(counts[~big].sum()[None])
+        exp_cells.append(small_exp[None])
+    o, e = torch.cat(obs_cells), torch.cat(exp_cells)
+    if o.numel() < 2:
+        return 0.0, 0
+    # Rescale to the kept cells so dropped tiny cells do not bias the statistic.
+    e = e * (o.sum() / e.sum())
+    return float(((o - e) ** 2 / e).sum()), int(o.numel() - 1)
+
+
+def chi2_two_sample(a: torch.Tensor, b: torch.Tensor, *, min_expected: float = 5.0) -> tuple[float, int]:
+    """Chi-square test of homogeneity of two count vectors over the same categories (V,).
+
+    Categories whose pooled expected count (under homogeneity) is below `min_expected` in either
+    sample are pooled into one. Returns (statistic, degrees of freedom).
+    """
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    na, nb = a.sum(), b.sum()
+    tot = a + b
+    ea, eb = tot * na / (na + nb), tot * nb / (na + nb)
+    big = (ea >= min_expected) & (eb >= min_expected)
+    ca, cb = [a[big]], [b[big]]
+    if bool((~big).any()):
+        ca.append(a[~big].sum()[None])
+        cb.append(b[~big].sum()[None])
+    A, Bc = torch.cat(ca), torch.cat(cb)
+    T = A + Bc
+    keep = T > 0
+    A, Bc, T = A[keep], Bc[keep], T[keep]
+    if T.numel() < 2:
+        return 0.0, 0
+    EA, EB = T * na / (na + nb), T * nb / (na + nb)
+    stat = ((A - EA) ** 2 / EA).sum() + ((Bc - EB) ** 2 / EB).sum()
+    return float(stat), int(T.numel() - 1)
