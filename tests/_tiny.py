@@ -30,7 +30,8 @@ def tiny_model(*, seed: int = 1, dlm_type: str = "llada", eos: int | None = None
 class Oracle:
     """A stub drafter: proposes the reference continuation, corrupted where `wrong(i)` says so.
 
-    drafts[b, i] is the proposal for generated token number len(generated[b]) + i (see
+    drafts[b, i] is the proposal for generated token number len(rows[b].tokens) + i of the row in
+    batch position b, whose reference is reference[rows[b].index] (see
     trimode.decode.common.DraftOverride). `never`: every proposal wrong; `always`: every one right.
     """
 
@@ -40,13 +41,13 @@ class Oracle:
         self.mask_id = mask_id
         self.wrong = wrong
 
-    def __call__(self, drafts: torch.Tensor, generated) -> torch.Tensor:
+    def __call__(self, drafts: torch.Tensor, rows) -> torch.Tensor:
         out = drafts.clone()
         for b in range(drafts.shape[0]):
-            start = len(generated[b])
+            start = len(rows[b].tokens)
+            ref = self.reference[rows[b].index]
             for i in range(drafts.shape[1]):
                 pos = start + i
-                ref = self.reference[b]
                 tok = ref[pos] if pos < len(ref) else 0
                 if self.wrong(pos):
                     tok = (tok + 1) % self.vocab

@@ -95,6 +95,43 @@ class KVCache:
             raise ValueError(f"truncate({n.tolist()}) beyond committed lengths {self.length.tolist()}")
         self.length = n.clone()
 
+    # -- used by engines that change the batch between cycles ---------------------------------
+    def select(self, rows: torch.Tensor | list[int]) -> KVCache:
+        """A new cache holding only `rows` (indices, in that order): finished requests leave the batch."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.length.device)
+        if idx.numel() == 0:
+            raise ValueError("select: a cache needs at least one row")
+        out = KVCache.__new__(KVCache)
+        out.k = [buf.index_select(0, idx) for buf in self.k]
+        out.v = [buf.index_select(0, idx) for buf in self.v]
+        out.length = self.length.index_select(0, idx)
+        out.capacity, out.batch_size, out._pending = self.capacity, int(idx.numel()), 0
+        return out
+
+    @staticmethod
+    def cat(caches: list[KVCache]) -> KVCache:
+        """Stack the rows of several caches (new requests join a running batch); the capacity is the
+        largest of theirs, so every row keeps the room it was allocated with."""
+        if not caches:
+            raise ValueError("cat: no caches")
+        if len(caches) == 1:
+            return caches[0]
+        cap = max(c.capacity for c in caches)
+        first = caches[0]
+
+        def widen(buf: torch.Tensor) -> torch.Tensor:
+            if buf.shape[2] == cap:
+                return buf
+            pad = buf.new_zeros(buf.shape[0], buf.shape[1], cap - buf.shape[2], buf.shape[3])
+            return torch.cat([buf, pad], dim=2)
+
+        out = KVCache.__new__(KVCache)
+        out.k = [torch.cat([widen(c.k[i]) for c in caches]) for i in range(len(first.k))]
+        out.v = [torch.cat([widen(c.v[i]) for c in caches]) for i in range(len(first.v))]
+        out.length = torch.cat([c.length for c in caches])
+        out.capacity, out.batch_size, out._pending = cap, int(out.length.numel()), 0
+        return out
+
     def _as_rows(self, n: torch.Tensor | int) -> torch.Tensor:
         if isinstance(n, int):
             return torch.full_like(self.length, n)

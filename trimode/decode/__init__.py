@@ -1,7 +1,9 @@
-"""Decoding: one registry of modes, one `generate`, one `stream`.
+"""Decoding: one registry of modes, one `generate`, one step-level `Decoder` per mode.
 
 Modes differ only in which tokens go into the model, which mask is built and what is done with the
-logits. Each mode module exposes `run(model, rows, cfg) -> Iterator[Step]`.
+logits. Each mode module defines a `Decoder` subclass (see batch.py): `admit(rows)` prefills new
+rows into the running batch, `cycle()` runs one decoding cycle. `generate` admits every prompt and
+cycles until all are done; a server admits requests between cycles (continuous batching).
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ from enum import Enum
 
 import torch
 
-from . import ar, diffusion, linear, quadratic
-from .common import FORWARD_KINDS, PREFILL, DecodeConfig, DraftOverride, Rows, Step
+from .ar import ARDecoder
+from .batch import Decoder, validate_rows
+from .common import FORWARD_KINDS, PREFILL, DecodeConfig, DraftOverride, Row, Rows, Step
+from .diffusion import DiffusionDecoder
+from .linear import LinearDecoder
+from .policies import EvenSchedule, Oracle, PolicyContext, Threshold
+from .quadratic import QuadraticDecoder
 from .stats import row_stats
 
 
@@ -33,13 +40,18 @@ class Mode(str, Enum):
             ) from None
 
 
-REGISTRY = {
-    Mode.AR: ar.run,
-    Mode.DIFFUSION: diffusion.run,
-    Mode.LINEAR: linear.run,
-    Mode.QUADRATIC: quadratic.run,
+REGISTRY: dict[Mode, type[Decoder]] = {
+    Mode.AR: ARDecoder,
+    Mode.DIFFUSION: DiffusionDecoder,
+    Mode.LINEAR: LinearDecoder,
+    Mode.QUADRATIC: QuadraticDecoder,
 }
 NEEDS_MASK = (Mode.DIFFUSION, Mode.LINEAR, Mode.QUADRATIC)
+
+
+def make_decoder(model: torch.nn.Module, mode: str | Mode, cfg: DecodeConfig) -> Decoder:
+    """A step-level decoder for one mode and config; rows join with `admit`, advance with `cycle`."""
+    return REGISTRY[Mode.parse(mode)](model, cfg)
 
 
 @dataclass
@@ -91,12 +103,13 @@ def prepare(
     eos_id: int | None = None,
     draft_adapter: str | None = "draft",
     draft_override: DraftOverride | None = None,
+    policy: object | None = None,
 ) -> tuple[Mode, DecodeConfig, Rows]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
-        draft_adapter=draft_adapter, draft_override=draft_override,
+        draft_adapter=draft_adapter, draft_override=draft_override, policy=policy,
     )
     _validate(model, prompts, m, max_new_tokens, stop)
     eos = eos_id if eos_id is not None else model.config.eos_token_id
@@ -105,16 +118,29 @@ def prepare(
 
 
 def run(model: torch.nn.Module, mode: Mode, cfg: DecodeConfig, rows: Rows) -> Iterator[Step]:
-    """Drive a prepared request: one `Step` per forward; tokens and counters accumulate in `rows`."""
+    """Drive a prepared request: one `Step` per forward (new_tokens indexed in prompt order);
+    tokens and counters accumulate in `rows`."""
+
+    def in_prompt_order(step: Step) -> Step:
+        out: list[list[int] | None] = [None] * rows.size
+        for r, toks in zip(step.rows, step.new_tokens):
+            out[r.index] = toks
+        return Step(step.kind, out, rows.rows)
+
+    dec = make_decoder(model, mode, cfg)
     with torch.inference_mode():
-        yield from REGISTRY[mode](model, rows, cfg)
+        for step in dec.admit(rows.rows):
+            yield in_prompt_order(step)
+        while not dec.idle:
+            for step in dec.cycle():
+                yield in_prompt_order(step)
 
 
 def generations(rows: Rows, mode: Mode) -> list[Generation]:
     out = []
-    for b in range(rows.size):
-        st = row_stats(rows.trace[b], len(rows.tokens[b]), mode=mode.value)
-        out.append(Generation(rows.tokens[b], st["nfe"], rows.finish_reason[b] or "length", st))
+    for r in rows.rows:
+        st = row_stats(r.trace, len(r.tokens), mode=mode.value)
+        out.append(Generation(r.tokens, st["nfe"], r.finish_reason or "length", st))
     return out
 
 
@@ -136,7 +162,8 @@ def generate(
     threshold: diffusion confidence threshold (None: even schedule over `steps`). stop: extra stop
     token ids. eos_id: defaults to the model's. Greedy decoding. Other options: steps,
     draft_adapter (name of the LoRA used in draft passes, default "draft" when present),
-    draft_override (a hook replacing draft proposals). Each Generation holds the new tokens (EOS
+    draft_override (a hook replacing draft proposals), policy (diffusion unmasking policy object,
+    e.g. `Oracle(reference)`; overrides threshold / steps). Each Generation holds the new tokens (EOS
     and stop tokens excluded), the forwards that row took part in (prefill included) and stats.
     """
     m, cfg, rows = prepare(model, prompts, mode=mode, max_new_tokens=max_new_tokens, block_len=block_len,
@@ -150,12 +177,20 @@ __all__ = [
     "FORWARD_KINDS",
     "PREFILL",
     "DecodeConfig",
+    "Decoder",
+    "EvenSchedule",
     "Generation",
     "Mode",
+    "Oracle",
+    "PolicyContext",
+    "Row",
     "Rows",
     "Step",
+    "Threshold",
     "generate",
     "generations",
+    "make_decoder",
     "prepare",
     "run",
+    "validate_rows",
 ]

@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from .. import masks
-from .common import AR_STEP, PREFILL, DecodeConfig, Rows, Step, cache_capacity, clamp_positions, exclude_mask, prefill
+from .batch import Decoder
+from .common import AR_STEP, PREFILL, Row, Step, clamp_positions, exclude_mask, prefill, record
 
 
-def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]:
-    c = model.config
-    dev = model.device
-    cache = model.new_cache(rows.size, cache_capacity(rows, 1))
-    rows.forward(PREFILL)
-    nxt, _ = prefill(model, rows, cache, mask_id=c.mask_token_id)
-    yield Step(PREFILL, [rows.emit(b, [int(nxt[b])]) for b in range(rows.size)])
-    inner = masks.causal(1, device=dev)
-    while rows.active():
-        active = rows.active_mask(dev)
+class ARDecoder(Decoder):
+    mode = "ar"
+    needs_mask = False
+
+    def scratch(self) -> int:
+        return 1
+
+    def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
+        record(rows, PREFILL)
+        nxt, _ = prefill(self.model, rows, cache, mask_id=self.model.config.mask_token_id)
+        return [Step(PREFILL, [r.emit([int(nxt[i])]) for i, r in enumerate(rows)], rows)], {"nxt": nxt}
+
+    def _cycle(self) -> list[Step]:
+        model, cache, rows = self.model, self.cache, list(self.running)
+        c = model.config
+        nxt = self.state["nxt"]  # (B,) newest token per row, not yet in the cache
         S = int(cache.length.max()) + 1
         positions = clamp_positions(cache.length[:, None], c.max_seq_len)
-        logits = model(nxt[:, None], positions, mask=masks.with_prefix(inner, cache.length, S), cache=cache)
-        cache.commit(active.long())
-        stepped = rows.forward(AR_STEP)
+        mask = masks.with_prefix(masks.causal(1, device=model.device), cache.length, S)
+        logits = model(nxt[:, None], positions, mask=mask, cache=cache)
+        cache.commit(1)
+        stepped = record(rows, AR_STEP)
         nxt = exclude_mask(logits[:, -1], c.mask_token_id).argmax(-1)
-        out: list[list[int] | None] = [None] * rows.size
-        for b in stepped:
-            out[b] = rows.emit(b, [int(nxt[b])])
-        yield Step(AR_STEP, out)
+        self.state["nxt"] = nxt
+        out: list[list[int] | None] = [None] * len(rows)
+        for i in stepped:
+            out[i] = rows[i].emit([int(nxt[i])])
+        return [Step(AR_STEP, out, rows)]

@@ -8,7 +8,7 @@ budget in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,13 +23,15 @@ FORWARD_KINDS = (PREFILL, AR_STEP, DRAFT, VERIFY, DENOISE, COMMIT, QUADRATIC)
 EMIT = "emit"  # a Step that hands out tokens without running a forward
 
 # A hook that may replace proposed draft tokens (B, n): stub drafters in tests, oracles in benchmarks.
-# drafts[b, i] is the proposal for row b's generated token number len(generated[b]) + i.
-DraftOverride = Callable[[torch.Tensor, Sequence[Sequence[int]]], torch.Tensor]
+# drafts[b, i] is the proposal for rows[b]'s generated token number len(rows[b].tokens) + i; rows[b] is
+# the `Row` in batch position b (rows[b].index: its position in the caller's prompt list).
+DraftOverride = Callable[[torch.Tensor, Sequence["Row"]], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Per-call decoding options, validated once. (EOS and stop ids live in `Rows.stop_ids`.)"""
+    """Options shared by every row of one decoder, validated once. (EOS / stop ids and the token
+    budget are per row: `Row.stop_ids`, `Row.max_new_tokens`; `max_new_tokens` here is the default.)"""
 
     max_new_tokens: int
     block_len: int = 32
@@ -37,6 +39,7 @@ class DecodeConfig:
     steps: int | None = None  # diffusion even schedule: denoising forwards per block (default block_len - 1)
     draft_adapter: str | None = "draft"  # used in draft passes when the model has it
     draft_override: DraftOverride | None = field(default=None, compare=False)
+    policy: object | None = field(default=None, compare=False)  # diffusion unmasking policy (overrides threshold)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -47,75 +50,133 @@ class DecodeConfig:
             raise ValueError(f"threshold must lie in [0, 1] (or be None), got {self.threshold!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps!r}")
+        if self.policy is not None and not callable(getattr(self.policy, "select", None)):
+            raise ValueError(f"policy must have a select(conf, candidates, step, ctx) method, got {self.policy!r}")
+
+
+class Row:
+    """One request: its prompt, budget, stop ids, what it has produced, its counters, and whether
+    it is finished. Decoders move rows in and out of batches; a row's state travels with it."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        *,
+        max_new_tokens: int,
+        stop_ids: Iterable[int] = (),
+        index: int = 0,
+        sampling: object | None = None,
+    ) -> None:
+        self.prompt = list(prompt)
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = frozenset(int(s) for s in stop_ids)
+        self.index = index  # position in the caller's list of prompts
+        self.sampling = sampling  # None: greedy
+        self.tokens: list[int] = []
+        self.done = False
+        self.finish_reason: str | None = None
+        # trace: one [kind, tokens finalised] entry per forward this row took part in.
+        self.trace: list[list] = []
+
+    def __repr__(self) -> str:
+        return f"Row(index={self.index}, prompt={len(self.prompt)} tokens, new={len(self.tokens)}, done={self.done})"
+
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.tokens)
+
+    def cancel(self) -> None:
+        """Stop this row; its decoder drops it (and frees its cache row) at the next boundary."""
+        if not self.done:
+            self.done, self.finish_reason = True, "cancelled"
+
+    def emit(self, toks: Sequence[int], credit: Sequence[int] | None = None) -> list[int]:
+        """Append tokens until EOS / a stop token / the budget; return what was kept.
+
+        credit[i], when given, is the index in `trace` of the forward that finalised toks[i]
+        (diffusion fills a block over several forwards); otherwise the row's last forward is credited.
+        """
+        kept: list[int] = []
+        if self.done:
+            return kept
+        for i, t in enumerate(toks):
+            t = int(t)
+            if t in self.stop_ids:
+                self.done, self.finish_reason = True, "stop"
+                break
+            kept.append(t)
+            self.tokens.append(t)
+            self.trace[credit[i] if credit is not None else -1][1] += 1
+            if len(self.tokens) >= self.max_new_tokens:
+                self.done, self.finish_reason = True, "length"
+                break
+        return kept
+
+    def stats(self, mode: str) -> dict:
+        from .stats import row_stats
+
+        return row_stats(self.trace, len(self.tokens), mode=mode)
 
 
 @dataclass
 class Step:
     """One model forward (or, with kind EMIT, no forward): its kind and the tokens each row
-    finalised with it (empty lists for rows that finalised nothing, None for rows that did not
-    take part)."""
+    finalised with it. new_tokens[i] belongs to rows[i] (an empty list: it finalised nothing; None:
+    it did not take part). `generate`-level streams index new_tokens by the caller's prompt order."""
 
     kind: str
     new_tokens: list[list[int] | None]
+    rows: Sequence[Row] = ()
+
+
+def record(rows: Sequence[Row], kind: str, only: Sequence[bool] | None = None) -> list[int]:
+    """Count one forward for every row still decoding (and, with `only`, selected); return their indices."""
+    took = [i for i, r in enumerate(rows) if not r.done and (only is None or only[i])]
+    for i in took:
+        rows[i].trace.append([kind, 0])
+    return took
+
+
+def active_mask(rows: Sequence[Row], device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor([not r.done for r in rows], dtype=torch.bool, device=device)
 
 
 class Rows:
-    """What each row of a batch has produced, its counters, and whether it is finished."""
+    """The rows of one `generate` call, in prompt order (a thin view over `Row` objects)."""
 
     def __init__(
-        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int]
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Iterable[int]
     ) -> None:
-        self.prompts = [list(p) for p in prompts]
-        B = len(self.prompts)
+        stop = frozenset(int(s) for s in stop_ids)
+        self.rows = [Row(p, max_new_tokens=max_new_tokens, stop_ids=stop, index=i) for i, p in enumerate(prompts)]
         self.max_new_tokens = max_new_tokens
-        self.stop_ids = frozenset(int(s) for s in stop_ids)
-        self.tokens: list[list[int]] = [[] for _ in range(B)]
-        self.done = [False] * B
-        self.finish_reason: list[str | None] = [None] * B
-        # trace[b]: one [kind, tokens finalised] entry per forward that row b took part in.
-        self.trace: list[list[list]] = [[] for _ in range(B)]
+        self.stop_ids = stop
 
     @property
     def size(self) -> int:
-        return len(self.prompts)
+        return len(self.rows)
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [r.prompt for r in self.rows]
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [r.tokens for r in self.rows]
+
+    @property
+    def done(self) -> list[bool]:
+        return [r.done for r in self.rows]
+
+    @property
+    def finish_reason(self) -> list[str | None]:
+        return [r.finish_reason for r in self.rows]
+
+    @property
+    def trace(self) -> list[list[list]]:
+        return [r.trace for r in self.rows]
 
     def active(self) -> list[int]:
-        return [b for b in range(self.size) if not self.done[b]]
-
-    def active_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor([not d for d in self.done], dtype=torch.bool, device=device)
-
-    def remaining(self, b: int) -> int:
-        return self.max_new_tokens - len(self.tokens[b])
-
-    def forward(self, kind: str, only: Sequence[int] | None = None) -> list[int]:
-        """Record one forward for every active row (or the active rows in `only`); returns them."""
-        rows = self.active() if only is None else [b for b in only if not self.done[b]]
-        for b in rows:
-            self.trace[b].append([kind, 0])
-        return rows
-
-    def emit(self, b: int, toks: Sequence[int], credit: Sequence[int] | None = None) -> list[int]:
-        """Append tokens to row b until EOS / a stop token / the budget; return what was kept.
-
-        credit[i], when given, is the index in trace[b] of the forward that finalised toks[i]
-        (diffusion fills a block over several forwards); otherwise the row's last forward is credited.
-        """
-        kept: list[int] = []
-        if self.done[b]:
-            return kept
-        for i, t in enumerate(toks):
-            t = int(t)
-            if t in self.stop_ids:
-                self.done[b], self.finish_reason[b] = True, "stop"
-                break
-            kept.append(t)
-            self.tokens[b].append(t)
-            self.trace[b][credit[i] if credit is not None else -1][1] += 1
-            if len(self.tokens[b]) >= self.max_new_tokens:
-                self.done[b], self.finish_reason[b] = True, "length"
-                break
-        return kept
+        return [b for b, r in enumerate(self.rows) if not r.done]
 
 
 def exclude_mask(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
@@ -140,26 +201,28 @@ def clamp_positions(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     return positions.clamp(max=max_seq_len - 1)
 
 
-def cache_capacity(rows: Rows, scratch: int) -> int:
-    """Slots for the longest prompt, every new token, and the widest forward's scratch entries
-    (the last forward may write `scratch` entries past the committed tokens)."""
-    longest = max(len(p) for p in rows.prompts)
-    return longest + rows.max_new_tokens + scratch + 1
+def cache_capacity(rows: Sequence[Row], scratch: int) -> int:
+    """Slots for each row's prompt and every new token it may make, plus the widest forward's
+    scratch entries (the last forward may write `scratch` entries past the committed tokens)."""
+    need = max(len(r.prompt) + r.max_new_tokens for r in rows)
+    return need + scratch + 1
 
 
-def pad_prompts(rows: Rows, extra: int, fill: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_prompts(
+    rows: Sequence[Row], extra: int, fill: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad prompts to one (B, max P + extra) tensor; returns it and the lengths (B,)."""
-    lengths = torch.tensor([len(p) for p in rows.prompts], dtype=torch.long, device=device)
+    lengths = torch.tensor([len(r.prompt) for r in rows], dtype=torch.long, device=device)
     T = int(lengths.max()) + extra
-    tokens = torch.full((rows.size, T), fill, dtype=torch.long, device=device)
-    for b, p in enumerate(rows.prompts):
+    tokens = torch.full((len(rows), T), fill, dtype=torch.long, device=device)
+    for b, p in enumerate(r.prompt for r in rows):
         tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
     return tokens, lengths
 
 
 def prefill(
     model: torch.nn.Module,
-    rows: Rows,
+    rows: Sequence[Row],
     cache,
     *,
     draft_len: int = 0,
@@ -199,10 +262,10 @@ def prefill(
     return first, drafts
 
 
-def apply_override(cfg: DecodeConfig, drafts: torch.Tensor, rows: Rows) -> torch.Tensor:
+def apply_override(cfg: DecodeConfig, drafts: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     if cfg.draft_override is None:
         return drafts
-    out = cfg.draft_override(drafts, rows.tokens)
+    out = cfg.draft_override(drafts, rows)
     if out.shape != drafts.shape:
         raise ValueError(f"draft_override returned shape {tuple(out.shape)}, expected {tuple(drafts.shape)}")
     return out.to(drafts.device, drafts.dtype)

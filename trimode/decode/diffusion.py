@@ -11,96 +11,133 @@ block is skipped when no row needs another token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from .. import masks
+from .batch import Decoder
 from .common import (
     COMMIT,
     DENOISE,
     EMIT,
     PREFILL,
-    DecodeConfig,
-    Rows,
+    Row,
     Step,
-    cache_capacity,
+    active_mask,
     clamp_positions,
     exclude_mask,
     pred_slots,
     prefill,
+    record,
 )
-from .policies import EvenSchedule, Threshold
+from .policies import EvenSchedule, PolicyContext, Threshold
 
 
 def finished_prefix(canvas: torch.Tensor, filled: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
-    """(B,) rows whose canvas has a stop/EOS token with every slot up to it filled."""
-    is_stop = filled & torch.isin(canvas, stop)
+    """(B,) rows whose canvas has a stop/EOS token with every slot up to it filled.
+
+    stop: (B, V) bool, the stop ids of each row."""
+    is_stop = filled & stop.gather(1, canvas)
     # filled_upto[b, i]: slots 0..i all filled.
     filled_upto = filled.long().cumprod(dim=1).bool()
     return (is_stop & filled_upto).any(dim=1)
 
 
-def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]:
-    c = model.config
-    dev = model.device
-    mask_id = c.mask_token_id
-    cache = model.new_cache(rows.size, cache_capacity(rows, cfg.block_len))
-    B = rows.size
-    rows.forward(PREFILL)
-    seed, _ = prefill(model, rows, cache, mask_id=mask_id)
-    seed_credit = [0] * B  # trace index of the forward that produced each row's seed
-    stop = torch.tensor(sorted(rows.stop_ids) or [-1], dtype=torch.long, device=dev)
-    yield Step(PREFILL, [[] for _ in range(B)])
-    while rows.active():
-        K = min(cfg.block_len, max(rows.remaining(b) for b in rows.active()))
+class DiffusionDecoder(Decoder):
+    """One cycle = one block for every running row (rows join and leave between blocks)."""
+
+    mode = "diffusion"
+
+    def scratch(self) -> int:
+        return self.cfg.block_len
+
+    def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
+        record(rows, PREFILL)
+        seed, _ = prefill(self.model, rows, cache, mask_id=self.model.config.mask_token_id)
+        # seed_credit: trace index of the forward that produced each row's seed.
+        credit = torch.tensor([len(r.trace) - 1 for r in rows], dtype=torch.long)
+        return [Step(PREFILL, [[] for _ in rows], rows)], {"seed": seed, "seed_credit": credit}
+
+    def _policy(self, n_masks: torch.Tensor):
+        cfg = self.cfg
+        if cfg.policy is not None:
+            return cfg.policy
+        if cfg.threshold is not None:
+            return Threshold(cfg.threshold)
+        return EvenSchedule(n_masks, torch.full_like(n_masks, cfg.steps) if cfg.steps else n_masks.clamp(min=1))
+
+    def _cycle(self) -> list[Step]:
+        model, cache, rows = self.model, self.cache, list(self.running)
+        c = model.config
+        dev = model.device
+        mask_id = c.mask_token_id
+        B = len(rows)
+        seed = self.state["seed"]
+        stop_ids = sorted(set().union(*(r.stop_ids for r in rows)))
+        steps: list[Step] = []
+        # Each row's block is as long as it would be alone (its last block may be shorter); shorter
+        # blocks are padded, and the padding is invisible to every real slot, so batching changes no token.
+        Kb = torch.tensor([min(self.cfg.block_len, r.remaining()) for r in rows], dtype=torch.long, device=dev)
+        K = int(Kb.max())
+        ar_k = torch.arange(K, device=dev)
+        valid = ar_k[None, :] < Kb[:, None]  # (B, K)
         canvas = torch.full((B, K), mask_id, dtype=torch.long, device=dev)
         canvas[:, 0] = seed
-        filled = torch.zeros(B, K, dtype=torch.bool, device=dev)
+        filled = ~valid
         filled[:, 0] = True
         credit = torch.full((B, K), -1, dtype=torch.long)
-        credit[:, 0] = torch.tensor(seed_credit)
-        denoising = rows.active_mask(dev)
-        policy = (
-            Threshold(cfg.threshold) if cfg.threshold is not None
-            else EvenSchedule(K - 1, cfg.steps or max(K - 1, 1))
-        )
-        positions = clamp_positions(cache.length[:, None] + torch.arange(K, device=dev)[None, :], c.max_seq_len)
+        credit[:, 0] = self.state["seed_credit"]
+        denoising = active_mask(rows, dev)
+        policy = self._policy(Kb - 1)
+        start = [len(r.tokens) for r in rows]
+        positions = clamp_positions(cache.length[:, None] + ar_k[None, :], c.max_seq_len)
         S = int(cache.length.max()) + K
-        bidir = masks.with_prefix(masks.bidirectional(K, device=dev), cache.length, S)
+        eye = torch.eye(K, dtype=torch.bool, device=dev)[None]
+        see = valid[:, None, :] | eye  # padding slots are keys for nobody but themselves
+        bidir = masks.with_prefix(masks.bidirectional(K, device=dev)[None] & see, cache.length, S)
         want = pred_slots(torch.arange(1, K, device=dev), c.dlm_type).expand(B, K - 1)
+        # A row stops denoising once a stop id of *its own* sits in a filled prefix of its canvas.
+        own_stop = torch.zeros(B, c.vocab_size, dtype=torch.bool, device=dev)
+        for i, r in enumerate(rows):
+            if r.stop_ids:
+                own_stop[i, sorted(r.stop_ids)] = True
         step = 0
         while True:
-            denoising &= ~finished_prefix(canvas, filled, stop)
+            if stop_ids:
+                denoising &= ~finished_prefix(canvas, filled, own_stop)
             candidates = ~filled[:, 1:] & denoising[:, None]
             if not bool(candidates.any()):
                 break
             logits = model(canvas, positions, mask=bidir, cache=cache, logits_at=want)
             probs = exclude_mask(logits.float(), mask_id).softmax(-1)
             conf, proposal = probs.max(-1)  # (B, K-1)
-            fill = policy.select(conf, candidates, step)
-            canvas[:, 1:] = torch.where(fill, proposal, canvas[:, 1:])
+            ctx = PolicyContext(proposal=proposal, probs=probs, filled=filled, rows=rows, start=start)
+            fill = policy.select(conf, candidates, step, ctx) & candidates
+            # A policy may rewrite ctx.proposal (the oracle forces the AR token when nothing matches).
+            canvas[:, 1:] = torch.where(fill, ctx.proposal, canvas[:, 1:])
             filled[:, 1:] |= fill
             # Rows already finished denoising ride along in the batch but did not need this forward.
-            took_part = rows.forward(DENOISE, only=denoising.nonzero().flatten().tolist())
-            for b in took_part:
-                credit[b, 1:][fill[b].cpu()] = len(rows.trace[b]) - 1
+            took_part = record(rows, DENOISE, only=denoising.tolist())
+            for i in took_part:
+                credit[i, 1:][fill[i].cpu()] = len(rows[i].trace) - 1
             step += 1
-            yield Step(DENOISE, [[] if b in took_part else None for b in range(B)])
+            steps.append(Step(DENOISE, [[] if i in took_part else None for i in range(B)], rows))
         out: list[list[int] | None] = [None] * B
-        emitting = rows.active()
-        for b in emitting:
-            out[b] = rows.emit(b, canvas[b].tolist(), credit=credit[b].tolist())
-        if not rows.active():
-            yield Step(EMIT, out)  # nothing left to decode: the final commit is not needed
-            break
-        # Commit: causal forward over the finished canvas writes the block's K/V.
+        for i, r in enumerate(rows):
+            if not r.done:
+                kb = int(Kb[i])
+                out[i] = r.emit(canvas[i, :kb].tolist(), credit=credit[i, :kb].tolist())
+        if all(r.done for r in rows):
+            steps.append(Step(EMIT, out, rows))  # nothing left to decode: the final commit is not needed
+            return steps
+        # Commit: causal forward over the finished canvas writes the block's K/V and predicts the next seed.
         causal = masks.with_prefix(masks.causal(K, device=dev), cache.length, S)
-        logits = model(canvas, positions, mask=causal, cache=cache, logits_at=torch.full((B, 1), K - 1, device=dev))
-        active = rows.active_mask(dev)
-        cache.commit(torch.where(active, K, 0))
-        committed = rows.forward(COMMIT)
-        seed = exclude_mask(logits[:, 0], mask_id).argmax(-1)
-        for b in committed:
-            seed_credit[b] = len(rows.trace[b]) - 1
-        yield Step(COMMIT, out)
+        logits = model(canvas, positions, mask=causal, cache=cache, logits_at=(Kb - 1)[:, None])
+        cache.commit(torch.where(active_mask(rows, dev), Kb, 0))
+        committed = record(rows, COMMIT)
+        self.state["seed"] = exclude_mask(logits[:, 0], mask_id).argmax(-1)
+        seed_credit = self.state["seed_credit"].clone()
+        for i in committed:
+            seed_credit[i] = len(rows[i].trace) - 1
+        self.state["seed_credit"] = seed_credit
+        steps.append(Step(COMMIT, out, rows))
+        return steps

@@ -14,25 +14,24 @@ followed by K mask tokens that see it; the adapter acts on those tokens only), s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from .. import masks
+from .batch import Decoder
 from .common import (
     DRAFT,
     PREFILL,
     VERIFY,
-    DecodeConfig,
-    Rows,
+    Row,
     Step,
+    active_mask,
     adapter_for,
     apply_override,
-    cache_capacity,
     clamp_positions,
     exclude_mask,
     pred_slots,
     prefill,
+    record,
 )
 
 
@@ -66,40 +65,60 @@ def draft_pass(
     return exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K-1)
 
 
-def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]:
-    c = model.config
-    dev = model.device
-    k = cfg.block_len
-    adapter = adapter_for(model, cfg)
-    cache = model.new_cache(rows.size, cache_capacity(rows, k))
-    rows.forward(PREFILL)
-    nxt, drafts = prefill(model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id, adapter=adapter)
-    yield Step(PREFILL, [rows.emit(b, [int(nxt[b])]) for b in range(rows.size)])
-    while rows.active():
-        K = min(k, max(rows.remaining(b) for b in rows.active()))
+class LinearDecoder(Decoder):
+    mode = "linear"
+
+    def scratch(self) -> int:
+        return self.cfg.block_len
+
+    def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
+        c = self.model.config
+        k = self.cfg.block_len
+        record(rows, PREFILL)
+        nxt, drafts = prefill(self.model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id,
+                              adapter=adapter_for(self.model, self.cfg))
+        B = len(rows)
+        has = drafts is not None
+        if drafts is None:
+            drafts = torch.zeros(B, max(k - 1, 0), dtype=torch.long, device=self.model.device)
+        state = {"nxt": nxt, "drafts": drafts, "has_draft": torch.full((B,), has, device=self.model.device)}
+        return [Step(PREFILL, [r.emit([int(nxt[i])]) for i, r in enumerate(rows)], rows)], state
+
+    def _cycle(self) -> list[Step]:
+        model, cache, cfg, rows = self.model, self.cache, self.cfg, list(self.running)
+        c = model.config
+        dev = model.device
+        nxt, drafts, has_draft = self.state["nxt"], self.state["drafts"], self.state["has_draft"]
+        B = len(rows)
+        steps: list[Step] = []
+        K = min(cfg.block_len, max(r.remaining() for r in rows))
         if K > 1:
-            if drafts is None:
-                drafted = rows.forward(DRAFT)
-                drafts = draft_pass(model, cache, nxt, K, adapter=adapter)
-                yield Step(DRAFT, [[] if b in drafted else None for b in range(rows.size)])
-            drafts = apply_override(cfg, drafts[:, : K - 1], rows)
-            canvas = torch.cat([nxt[:, None], drafts], dim=1)
+            cur = drafts[:, : K - 1]
+            need = ~has_draft  # rows that joined this cycle still hold the drafts of their prefill
+            if bool(need.any()):
+                drafted = record(rows, DRAFT, only=need.tolist())
+                fresh = draft_pass(model, cache, nxt, K, adapter=adapter_for(model, cfg))
+                cur = torch.where(need[:, None], fresh, cur)
+                steps.append(Step(DRAFT, [[] if i in drafted else None for i in range(B)], rows))
+            cur = apply_override(cfg, cur, rows)
+            canvas = torch.cat([nxt[:, None], cur], dim=1)
         else:
-            drafts = drafts[:, :0] if drafts is not None else torch.zeros(rows.size, 0, dtype=torch.long, device=dev)
+            cur = drafts[:, :0]
             canvas = nxt[:, None]
         S = int(cache.length.max()) + K
         positions = clamp_positions(cache.length[:, None] + torch.arange(K, device=dev)[None, :], c.max_seq_len)
         logits = model(canvas, positions, mask=masks.with_prefix(masks.causal(K, device=dev), cache.length, S),
                        cache=cache)
         ar = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K)
-        n_acc = accept_greedy(drafts, ar)  # (B,)
-        verified = rows.forward(VERIFY)
-        out: list[list[int] | None] = [None] * rows.size
-        for b in verified:
-            out[b] = rows.emit(b, ar[b, : int(n_acc[b]) + 1].tolist())
-        # Only rows still decoding commit: a row that just finished may have accepted past its budget,
-        # and growing its cache would make it overflow beside rows that keep writing full blocks.
-        cache.commit(torch.where(rows.active_mask(dev), n_acc + 1, torch.zeros_like(n_acc)))
-        nxt = ar.gather(1, n_acc[:, None]).squeeze(1)
-        drafts = None
-        yield Step(VERIFY, out)
+        n_acc = accept_greedy(cur, ar)  # (B,)
+        verified = record(rows, VERIFY)
+        out: list[list[int] | None] = [None] * B
+        for i in verified:
+            out[i] = rows[i].emit(ar[i, : int(n_acc[i]) + 1].tolist())
+        # Only rows still decoding commit: a row that just finished may have accepted past its budget
+        # (it leaves the batch after this cycle anyway).
+        cache.commit(torch.where(active_mask(rows, dev), n_acc + 1, torch.zeros_like(n_acc)))
+        self.state["nxt"] = ar.gather(1, n_acc[:, None]).squeeze(1)
+        self.state["has_draft"] = torch.zeros_like(has_draft)
+        steps.append(Step(VERIFY, out, rows))
+        return steps

@@ -1,15 +1,36 @@
 """Unmasking policies for diffusion mode: which masked slots to fill after a denoising forward.
 
-A policy is a small object with `select(conf, candidates, step) -> fill`, all (B, n) tensors:
+A policy is a small object with `select(conf, candidates, step, ctx) -> fill`, all (B, n) tensors:
 conf holds the confidence of each slot's proposal, candidates marks slots still masked (and rows
-still denoising), fill marks the slots to fill now. Vectorised over the batch; no Python per row.
+still denoising), fill marks the slots to fill now. `ctx` (a PolicyContext) carries what richer
+policies need: the proposals, the full distributions, which canvas slots are filled, the rows and
+where the block starts in each row's output. Threshold and EvenSchedule are vectorised over the
+batch; the Oracle (a measuring instrument, not a decoder) loops over rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may look at after a denoising forward over a block of n + 1 canvas slots.
+
+    proposal (B, n): top-1 token of each masked slot (a policy may overwrite entries it fills);
+    probs (B, n, V): the distributions; filled (B, n + 1): canvas slots already fixed (slot 0 is
+    the seed); rows: the decoding rows; start[b]: index in rows[b].tokens of canvas slot 0, so
+    canvas slot i + 1 is generated token start[b] + i + 1.
+    """
+
+    proposal: torch.Tensor
+    probs: torch.Tensor
+    filled: torch.Tensor
+    rows: Sequence
+    start: Sequence[int]
 
 
 def _top1(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -26,27 +47,66 @@ class Threshold:
 
     tau: float
 
-    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+    def select(
+        self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext | None = None
+    ) -> torch.Tensor:
         return (candidates & (conf >= self.tau)) | _top1(conf, candidates)
 
 
 @dataclass(frozen=True)
 class EvenSchedule:
-    """Spread the block's masks evenly over `steps` forwards (remainder to the earliest steps) and
-    fill the most confident slots first."""
+    """Spread each row's masks evenly over `steps` forwards (remainder to the earliest steps) and
+    fill the most confident slots first. n_masks and steps: ints, or (B,) tensors (one per row)."""
 
-    n_masks: int
-    steps: int
+    n_masks: int | torch.Tensor
+    steps: int | torch.Tensor
 
-    def quota(self, step: int) -> int:
-        base, extra = divmod(self.n_masks, self.steps)
-        return base + (1 if step < extra else 0)
+    def quota(self, step: int) -> torch.Tensor:
+        n = torch.as_tensor(self.n_masks)
+        s = torch.as_tensor(self.steps).clamp(min=1)
+        q = n // s + (step < n % s).long()
+        # Past the planned steps (only when a row must still finish), fill everything left.
+        return torch.where(step < s, q, torch.full_like(q, 1 << 30)).clamp(min=1)
 
-    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
-        n = self.quota(step) if step < self.steps else candidates.shape[1]
-        n = max(n, 1)
+    def select(
+        self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext | None = None
+    ) -> torch.Tensor:
+        n = self.quota(step).to(conf.device)
+        n = n.reshape(-1, 1) if n.dim() else n
         scored = conf.masked_fill(~candidates, float("-inf"))
         order = scored.argsort(dim=1, descending=True)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         return candidates & (rank < n)
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """Speed-of-light unmasking: given each row's AR greedy continuation (reference[row.index]),
+    fill exactly the masked slots whose top-1 already equals it. When no slot of a row qualifies,
+    fill its leftmost masked slot with the reference token (one token per forward, like AR), so
+    the output stays equal to the reference and the count is a true ceiling for any policy over
+    this denoiser (NLD's "SOL" analysis)."""
+
+    reference: Sequence[Sequence[int]]
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext) -> torch.Tensor:
+        if ctx is None:
+            raise ValueError("the Oracle policy needs the PolicyContext")
+        fill = torch.zeros_like(candidates)
+        prop = ctx.proposal
+        for b, row in enumerate(ctx.rows):
+            cand = candidates[b].nonzero().flatten().tolist()
+            if not cand:
+                continue
+            ref = self.reference[row.index]
+            base = ctx.start[b] + 1
+            hits = [i for i in cand if base + i < len(ref) and int(prop[b, i]) == ref[base + i]]
+            if hits:
+                fill[b, hits] = True
+            else:
+                i = cand[0]
+                if base + i < len(ref):
+                    prop[b, i] = ref[base + i]
+                fill[b, i] = True
+        return fill

@@ -15,45 +15,55 @@ first drafts come from the prefill forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from .. import masks
+from .batch import Decoder
 from .common import (
     PREFILL,
     QUADRATIC,
-    DecodeConfig,
-    Rows,
+    Row,
     Step,
+    active_mask,
     adapter_for,
     apply_override,
-    cache_capacity,
     clamp_positions,
     exclude_mask,
     pred_slots,
     prefill,
+    record,
 )
 from .linear import accept_greedy
 
 
-def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]:
-    c = model.config
-    dev = model.device
-    k = cfg.block_len
-    adapter = adapter_for(model, cfg)
-    cache = model.new_cache(rows.size, cache_capacity(rows, k * (k + 1)))
-    rows.forward(PREFILL)
-    nxt, drafts = prefill(model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id, adapter=adapter)
-    yield Step(PREFILL, [rows.emit(b, [int(nxt[b])]) for b in range(rows.size)])
-    B = rows.size
-    while rows.active():
-        K = min(k, max(rows.remaining(b) for b in rows.active()))
-        n = K + 1
+class QuadraticDecoder(Decoder):
+    mode = "quadratic"
+
+    def scratch(self) -> int:
+        k = self.cfg.block_len
+        return k * (k + 1)
+
+    def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
+        c = self.model.config
+        k = self.cfg.block_len
+        record(rows, PREFILL)
+        nxt, drafts = prefill(self.model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id,
+                              adapter=adapter_for(self.model, self.cfg))
         if drafts is None:
-            drafts = torch.zeros(B, 0, dtype=torch.long, device=dev)
-        drafts = apply_override(cfg, drafts[:, : K - 1], rows)
-        heads = torch.cat([nxt[:, None], drafts], dim=1)  # (B, K): d_0 .. d_{K-1}
+            drafts = torch.zeros(len(rows), 0, dtype=torch.long, device=self.model.device)
+        steps = [Step(PREFILL, [r.emit([int(nxt[i])]) for i, r in enumerate(rows)], rows)]
+        return steps, {"nxt": nxt, "drafts": drafts}
+
+    def _cycle(self) -> list[Step]:
+        model, cache, cfg, rows = self.model, self.cache, self.cfg, list(self.running)
+        c = model.config
+        dev = model.device
+        B = len(rows)
+        k = cfg.block_len
+        K = min(k, max(r.remaining() for r in rows))
+        n = K + 1
+        drafts = apply_override(cfg, self.state["drafts"][:, : K - 1], rows)
+        heads = torch.cat([self.state["nxt"][:, None], drafts], dim=1)  # (B, K): d_0 .. d_{K-1}
         tokens = torch.full((B, K, n), c.mask_token_id, dtype=torch.long, device=dev)
         tokens[:, :, 0] = heads
         tokens = tokens.view(B, K * n)
@@ -71,18 +81,21 @@ def run(model: torch.nn.Module, rows: Rows, cfg: DecodeConfig) -> Iterator[Step]
         want = torch.cat([head_slots, draft_slots]).expand(B, -1)
         is_mask_slot = (torch.arange(K * n, device=dev) % n > 0)[None, :].expand(B, -1)
         logits = model(tokens, positions, mask=masks.with_prefix(masks.quadratic(K, device=dev), cache.length, S),
-                       cache=cache, adapter=adapter, adapter_tokens=is_mask_slot, logits_at=want)
+                       cache=cache, adapter=adapter_for(model, cfg), adapter_tokens=is_mask_slot, logits_at=want)
         pred = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K + K(K-1))
         ar = pred[:, :K]  # ar[:, j]: AR prediction after d_j
         sub_drafts = pred[:, K:].view(B, K, K - 1)  # sub_drafts[:, j]: drafts after ar[:, j]
         n_ok = accept_greedy(drafts, ar) + 1  # heads d_0 .. d_{n_ok-1} are correct
-        stepped = rows.forward(QUADRATIC)
+        stepped = record(rows, QUADRATIC)
         out: list[list[int] | None] = [None] * B
-        for b in stepped:
-            out[b] = rows.emit(b, ar[b, : int(n_ok[b])].tolist())
-        # Only rows still decoding keep their heads (see linear.py: finished rows must not grow).
-        cache.compact(head_slots.expand(B, K), torch.where(rows.active_mask(dev), n_ok, torch.zeros_like(n_ok)))
+        for i in stepped:
+            out[i] = rows[i].emit(ar[i, : int(n_ok[i])].tolist())
+        # Only rows still decoding keep their heads (see linear.py).
+        cache.compact(head_slots.expand(B, K), torch.where(active_mask(rows, dev), n_ok, torch.zeros_like(n_ok)))
         last = (n_ok - 1)[:, None]
-        nxt = ar.gather(1, last).squeeze(1)
-        drafts = sub_drafts.gather(1, last[:, :, None].expand(B, 1, K - 1)).squeeze(1)
-        yield Step(QUADRATIC, out)
+        self.state["nxt"] = ar.gather(1, last).squeeze(1)
+        nxt_drafts = sub_drafts.gather(1, last[:, :, None].expand(B, 1, K - 1)).squeeze(1)
+        # Keep the state k - 1 wide (rows joining later carry k - 1 drafts); the padding is never
+        # accepted unless it happens to be right, and acceptance is checked anyway.
+        self.state["drafts"] = torch.cat([nxt_drafts, nxt_drafts.new_zeros(B, (k - 1) - (K - 1))], dim=1)
+        return [Step(QUADRATIC, out, rows)]
