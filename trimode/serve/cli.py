@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: as stored)")
     rt.add_argument("--device", default="cpu")
     rt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    rt.add_argument("--fake-decoder", action="store_true",
+                    help="serve a model-free scripted decoder (tests and load tests of the HTTP layer only)")
     rt.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -113,9 +116,14 @@ def build(args: argparse.Namespace):
         max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
     if args.mode not in ("ar", "auto") and not settings.has_mask:
         raise ValueError(f"--mode {args.mode} needs a mask token, which this model has not")
+    api = None
+    if args.fake_decoder:
+        from .fake import fake_api
+
+        api = fake_api(tok)
     engine = Engine(model, tok, EngineConfig(max_running=args.max_running, max_queue=args.max_queue,
                                              spec_mode=args.spec_mode, auto_crossover=crossover,
-                                             default_max_tokens=args.max_tokens_limit))
+                                             default_max_tokens=args.max_tokens_limit), api=api)
     return create_app(engine, tok, settings), engine, settings, source
 
 
@@ -138,5 +146,14 @@ def main(argv: list[str] | None = None) -> int:
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5, access_log=False))
-    server.run()
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal: make both a clean exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
     return 0 if server.started else 1
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
