@@ -1,0 +1,139 @@
+"""The engine on the real decoders and the bundled model: continuous batching changes no token, rows with
+different configs interleave, stop strings and cancellation free slots, the HTTP stream equals the
+non-streamed text and both equal `generate` for the same request alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+import trimode.decode  # noqa: E402
+
+if not hasattr(trimode.decode, "make_decoder"):
+    pytest.skip("the step-level decoder API (make_decoder) has not landed", allow_module_level=True)
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from trimode.checkpoint import load_model  # noqa: E402
+from trimode.cli import BUNDLED  # noqa: E402
+from trimode.decode import generate  # noqa: E402
+from trimode.serve.app import ServerSettings, create_app  # noqa: E402
+from trimode.serve.engine import Engine, EngineConfig, Job  # noqa: E402
+from trimode.tokenizer import load_tokenizer  # noqa: E402
+
+TOK = load_tokenizer(BUNDLED)
+TEXTS = ["def fibonacci(n):", "import os\n\n\ndef list_files(path):", "class Stack:\n    def __init__(self):",
+         "def is_prime(n):", "for i in range(10):", "x = [", "return self."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(BUNDLED)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """AR greedy continuations, each prompt decoded alone."""
+    return {t: generate(model, [TOK.encode(t)], mode="ar", max_new_tokens=20, eos_id=TOK.eos_id)[0].tokens
+            for t in TEXTS}
+
+
+def job(text: str, mode: str, events: list, *, max_tokens: int = 20, block_len: int = 4, stops=()) -> Job:
+    return Job(prompt=TOK.encode(text), max_tokens=max_tokens, mode=mode, block_len=block_len, threshold=0.9,
+               stop_ids=frozenset({TOK.eos_id}), stops=list(stops), sink=events.append)
+
+
+def wait_done(evs, timeout=120.0):
+    t0 = time.time()
+    while not all(e and e[-1][0] in ("done", "error") for e in evs):
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+
+
+def text_of(events) -> str:
+    return "".join(e[1] for e in events if e[0] == "text")
+
+
+def test_continuous_batching_changes_no_token(model, reference):
+    """Rows join a running batch at different times, in three decoders (ar, linear k=4, quadratic k=3)
+    round-robin, and finish independently; every text equals the AR reference decoded alone."""
+    eng = Engine(model, TOK, EngineConfig(max_running=16))
+    eng.start()
+    try:
+        evs, modes = [], ["ar", "linear", "quadratic", "linear", "ar", "quadratic", "linear"]
+        for i, (t, m) in enumerate(zip(TEXTS, modes)):
+            e: list = []
+            evs.append(e)
+            eng.submit(job(t, m, e, max_tokens=12 + i, block_len=3 if m == "quadratic" else 4))
+            time.sleep(0.02 * (i % 3))
+        wait_done(evs)
+        for t, e, m, i in zip(TEXTS, evs, modes, range(len(TEXTS))):
+            assert e[0][0] == "decoding" and e[0][1]["mode"] == m
+            assert e[-1][0] == "done", e[-1]
+            want = reference[t][: 12 + i]
+            assert text_of(e) == TOK.decode(want), (m, t)
+            use = e[-1][2]
+            assert use["completion_tokens"] == len(want) and use["forwards"] >= 1
+        assert eng.snapshot() == {"queued": 0, "running": 0, "decoders": eng.snapshot()["decoders"]}
+        assert eng.errors == 0
+        text = eng.metrics.render()
+        assert 'trimode_forwards_total{kind="quadratic",mode="quadratic"}' in text
+        assert 'trimode_acceptance_length_count{mode="linear"} ' in text
+    finally:
+        eng.close()
+
+
+def test_stop_string_and_cancel_free_the_slot(model, reference):
+    eng = Engine(model, TOK, EngineConfig(max_running=2))
+    eng.start()
+    try:
+        full = TOK.decode(reference[TEXTS[0]])
+        stop = full[8:12]
+        e1, e2, e3 = [], [], []
+        j1 = job(TEXTS[0], "linear", e1, stops=[stop])
+        j2 = job(TEXTS[1], "ar", e2, max_tokens=200)
+        eng.submit(j1)
+        eng.submit(j2)
+        time.sleep(0.05)
+        eng.cancel(j2)
+        wait_done([e1, e2])
+        assert text_of(e1) == full[: full.index(stop)] and e1[-1][1] == "stop"
+        assert e2[-1][1] == "cancelled" and e2[-1][2]["completion_tokens"] < 200
+        eng.submit(job(TEXTS[2], "ar", e3))  # both slots are free again
+        wait_done([e3])
+        assert text_of(e3) == TOK.decode(reference[TEXTS[2]])
+        assert eng.snapshot()["running"] == 0
+    finally:
+        eng.close()
+
+
+def test_http_stream_equals_non_stream_equals_generate(model, reference):
+    eng = Engine(model, TOK, EngineConfig(auto_crossover=4))
+    app = create_app(eng, TOK, ServerSettings(model_name="bundled", context=model.config.max_seq_len,
+                                              vocab_size=model.config.vocab_size, default_block_len=4))
+    with TestClient(app) as c:
+        results = {}
+
+        def fire(mode, stream):
+            body = {"prompt": TEXTS[3], "max_tokens": 20, "stream": stream, "decoding": {"mode": mode}}
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            if stream:
+                import json
+
+                chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+                results[(mode, stream)] = "".join(ch["choices"][0]["text"] for ch in chunks)
+            else:
+                results[(mode, stream)] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=fire, args=(m, s)) for m in ("ar", "linear", "quadratic", "auto")
+                   for s in (False, True)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        want = TOK.decode(reference[TEXTS[3]])
+        assert results and all(v == want for v in results.values()), results
