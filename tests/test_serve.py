@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from trimode.cli import BUNDLED  # noqa: E402
-from trimode.serve.app import ServerSettings, create_app, sampling_available  # noqa: E402
+from trimode.serve.app import ServerSettings, create_app  # noqa: E402
 from trimode.serve.cli import FALLBACK_CROSSOVER, read_crossover  # noqa: E402
 from trimode.serve.engine import Engine, EngineConfig, Job  # noqa: E402
 from trimode.serve.fake import fake_api, fake_model  # noqa: E402
@@ -261,14 +261,28 @@ def test_body_limit():
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
 
 
-def test_sampling_values(client):
-    for body in ({"temperature": 0}, {"temperature": 0.0, "top_p": 1}, {"seed": 7}):
+def test_sampling_values(client, monkeypatch):
+    for body in ({"temperature": 0}, {"temperature": 0.0, "top_p": 1}, {"seed": 7}, {"temperature": 0, "top_p": 0.5}):
         r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, **body})
         assert r.status_code == 200, r.text
-    if not sampling_available():
-        for body, param in (({"temperature": 0.7}, "temperature"), ({"top_p": 0.9}, "top_p")):
-            err = assert_error(client.post("/v1/completions", json={"prompt": "x", **body}), 400)
-            assert err["param"] == param and "greedy" in err["message"]
+    # decoders without sampling: a clear 400, never a silently greedy answer
+    monkeypatch.setattr("trimode.serve.app.sampling_available", lambda: False)
+    for body, param in (({"temperature": 0.7}, "temperature"), ({"top_p": 0.9}, "top_p"), ({"top_k": 5}, "top_k")):
+        err = assert_error(client.post("/v1/completions", json={"prompt": "x", **body}), 400)
+        assert err["param"] == param and "greedy" in err["message"]
+    # decoders with sampling: the request carries SamplingParams to its row
+    pytest.importorskip("trimode.sampling")
+    monkeypatch.setattr("trimode.serve.app.sampling_available", lambda: True)
+    seen = []
+    submit = client.engine.submit
+    monkeypatch.setattr(client.engine, "submit", lambda job: (seen.append(job.sampling), submit(job)))
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
+                                             "seed": -1})
+    assert r.status_code == 200, r.text
+    (sp,) = seen
+    assert (sp.temperature, sp.top_p, sp.seed) == (0.7, 0.9, 2**63 - 1)
+    err = assert_error(client.post("/v1/completions", json={"prompt": "x", "temperature": 0.7, "top_k": -1}), 400)
+    assert err["param"] == "top_k"
 
 
 def test_default_max_tokens_and_context():

@@ -55,11 +55,20 @@ class ServerSettings:
 
 
 def sampling_available() -> bool:
+    """Whether the decoders sample (issue 6): `trimode.sampling` exists *and* a decoder module uses it.
+
+    A Row accepts `sampling=` before any decoder reads it; accepting temperature > 0 then would
+    silently decode greedily, so until a decoder imports from trimode.sampling we answer 400.
+    """
+    import sys
+
     try:
-        from .. import sampling  # noqa: F401  (issue 6)
+        from .. import decode, sampling
     except ImportError:
         return False
-    return True
+    mods = [m for name, m in list(sys.modules.items()) if name.startswith(decode.__name__) and m is not None]
+    return any(v is sampling or getattr(v, "__module__", None) == sampling.__name__
+               for m in mods for v in list(vars(m).values()))
 
 
 def _error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
@@ -198,19 +207,24 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
         return mode, block_len, threshold
 
     def sampling(req: schemas._Common):
-        greedy = (req.temperature in (None, 0)) and (req.top_p in (None, 1))
-        if greedy:
-            return None
+        """None (greedy) or SamplingParams. Temperature omitted means greedy unless top_p / top_k / min_p
+        ask for sampling, which then runs at OpenAI's default temperature 1."""
+        asks = {k: v for k, v in (("top_p", req.top_p), ("top_k", req.top_k), ("min_p", req.min_p))
+                if v is not None and v != {"top_p": 1, "top_k": 0, "min_p": 0}[k]}
+        temperature = req.temperature if req.temperature is not None else (1.0 if asks else 0.0)
+        if temperature == 0:
+            return None  # greedy: top_p / top_k / min_p change nothing (argmax is always kept)
         if not sampling_available():
-            bad = "temperature" if req.temperature not in (None, 0) else "top_p"
-            raise APIError(400, f"'{bad}' = {getattr(req, bad)!r} needs sampling, which this build does not "
-                                f"support yet; decoding is greedy (temperature 0, top_p 1)", param=bad,
+            bad = "temperature" if req.temperature not in (None, 0) else next(iter(asks))
+            raise APIError(400, f"'{bad}' = {getattr(req, bad)!r} needs sampling, which this build's decoders do "
+                                f"not support yet; decoding is greedy (temperature 0)", param=bad,
                            code="unsupported_value")
         from ..sampling import SamplingParams  # issue 6
 
         try:
-            return SamplingParams(temperature=req.temperature if req.temperature is not None else 1.0,
-                                  top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed)
+            return SamplingParams(temperature=float(temperature), top_p=float(req.top_p or 1.0),
+                                  top_k=req.top_k or 0, min_p=float(req.min_p or 0.0),
+                                  seed=None if req.seed is None else req.seed % 2**63)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

@@ -68,6 +68,8 @@ class _Common(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: Float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: Float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)  # extension (as vLLM): 0 = off
+    min_p: Float | None = Field(default=None, ge=0.0, le=1.0)  # extension (as vLLM): 0 = off
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-SEED_MAX, le=SEED_MAX)
     stream: bool = False
