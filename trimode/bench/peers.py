@@ -56,8 +56,8 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"weights do not map onto {cls.__name__}: missing {missing}, unexpected {unexpected}")
     # Non-persistent buffers (rotary inv_freq) were born on meta: rebuild them on the real device.
     dev = model.device
-    for name, mod in hf.named_modules():
-        if hasattr(mod, "inv_freq") and getattr(mod, "inv_freq").is_meta:
+    for mod in hf.modules():
+        if isinstance(getattr(mod, "inv_freq", None), torch.Tensor) and mod.inv_freq.is_meta:
             with torch.device("cpu"):
                 fresh = type(mod)(cfg)
             for b, t in fresh.named_buffers(recurse=False):

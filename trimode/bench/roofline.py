@@ -60,14 +60,11 @@ def measure_machine(*, dtype: torch.dtype = torch.float32, device: torch.device 
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=g, device=device).to(dtype)
     b = torch.randn(n, n, generator=g, device=device).to(dtype)
-    t = _best_time(lambda: a @ b, reps=reps, device=device)
-    flops = 2 * n**3 / t
+    flops = 2 * n**3 / _best_time(lambda: a @ b, reps=reps, device=device)
     numel = mbytes * 2**20 // 4
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = _best_time(lambda: dst.copy_(src), reps=reps, device=device)
-    bw = 2 * numel * 4 / t
-    del a, b, src, dst
+    bw = 2 * numel * 4 / _best_time(lambda: dst.copy_(src), reps=reps, device=device)
     return Machine(flops, bw, str(dtype).replace("torch.", ""), str(device))
 
 
@@ -75,7 +72,9 @@ def layer_params(c: ModelConfig) -> int:
     return c.hidden_size * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
 
 
-def forward_cost(c: ModelConfig, *, B: int, T: int, S: int, n_logits: int, bytes_per_weight: int) -> tuple[float, float]:
+def forward_cost(
+    c: ModelConfig, *, B: int, T: int, S: int, n_logits: int, bytes_per_weight: int
+) -> tuple[float, float]:
     """(FLOPs, bytes) of one forward (see the module docstring)."""
     L = c.num_layers
     flops = (2 * B * T * L * layer_params(c) + 4 * B * T * S * L * c.q_dim

@@ -1,0 +1,484 @@
+"""`trimode bench`: every mode measured the same way, speed-of-light, peers, roofline, GPU shapes.
+
+    trimode bench [--model DIR|bundled] [--modes ar,diffusion,linear,quadratic] [--block-lens 4,8,16]
+                  [--thresholds 0.9] [--max-new-tokens 64] [--prompts 4] [--batch-size 1] [--json] ...
+    trimode bench --synthetic nld-8b --device cuda [--context 1024] [--accept 5.46,6.82]
+
+Prints what the architecture implies (FLOPs and bytes per forward kind, the machine's roofline),
+then the measured tables, and ends with one JSON line (`--json`: only that line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..decode import FORWARD_KINDS
+from .suites import CATEGORIES, Prompt
+
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "bundled"
+MODES = ("ar", "diffusion", "linear", "quadratic")
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _floats(s: str) -> list[float | None]:
+    out: list[float | None] = []
+    for x in s.split(","):
+        x = x.strip()
+        if not x:
+            continue
+        if x.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            out.append(float(x))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    return out
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(s: str) -> list[str]:
+        out = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in out if x not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
+        return out
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trimode bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bundled", help="checkpoint directory, or 'bundled' (default)")
+    p.add_argument("--modes", type=_names(MODES), default=list(MODES), help="comma-separated (default: all four)")
+    p.add_argument("--block-lens", type=_ints, default=None, help="comma-separated (default: 4,8,16)")
+    p.add_argument("--thresholds", type=_floats, default=[0.9], help="diffusion thresholds; 'none' = even schedule")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=4, help="prompts per category")
+    p.add_argument("--categories", type=_names(CATEGORIES), default=list(CATEGORIES))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="chat-format prompts (auto: when the tokenizer has a chat template)")
+    p.add_argument("--max-prompt-len", type=int, default=256, help="longer prompts keep their last tokens")
+    p.add_argument("--domain-prompt-len", type=int, default=96)
+    p.add_argument("--domain-files", nargs="*", default=[], help="held-out text files for the domain category")
+    p.add_argument("--data", default=None, help="benchmark data directory (default: ../shared/data)")
+    p.add_argument("--no-sol", action="store_true", help="skip the speed-of-light oracle runs")
+    p.add_argument("--no-peers", action="store_true", help="skip transformers generate / prompt lookup")
+    p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the peer")
+    p.add_argument("--no-roofline", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="timed repetitions (interleaved; fastest kept)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler: top ops of ar and the best speculative run")
+    p.add_argument("--plots", default=None, help="write PNG plots as PREFIX_*.png")
+    p.add_argument("--sweep", type=_ints, default=None, help="batch sizes for the ar / speculative crossover sweep")
+    p.add_argument("--write-crossover", action="store_true", help="write auto_crossover to MODEL/serving.json")
+    p.add_argument("--synthetic", default=None,
+                   help="shape benchmark with random weights: nld-8b, nld-3b, nld-mini, tiny")
+    p.add_argument("--context", type=int, default=None, help="synthetic: cached context length")
+    p.add_argument("--linear-ks", type=_ints, default=[16, 32])
+    p.add_argument("--quadratic-ks", type=_ints, default=[8, 16])
+    p.add_argument("--accept", type=_floats, default=[2.0, 3.0, 5.46, 6.82], help="synthetic: acceptance lengths")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: stored; synthetic: bf16 on cuda)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: small models on shared cores lose with more)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    table = {None: None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    return table[name]
+
+
+def _say(args: argparse.Namespace, *lines: str) -> None:
+    if not args.json:
+        for line in lines:
+            print(line)
+
+
+def _progress(args: argparse.Namespace, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=args.json or not sys.stderr.isatty(), file=sys.stderr,
+                dynamic_ncols=True)
+
+
+# -- synthetic ------------------------------------------------------------------------------------
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from .roofline import measure_machine
+    from .synthetic import run_synthetic
+
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        msg = "CUDA is not available on this machine; synthetic GPU benchmark skipped"
+        print(json.dumps({"synthetic": args.synthetic, "skipped": msg}) if args.json else msg)
+        return 0
+    dtype = _dtype(args.dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    machine = None if args.no_roofline else measure_machine(dtype=dtype, device=dev)
+    res = run_synthetic(args.synthetic, device=args.device, dtype=dtype, context=args.context,
+                        linear_ks=tuple(args.linear_ks), quadratic_ks=tuple(args.quadratic_ks),
+                        accept=tuple(a for a in args.accept if a is not None), machine=machine,
+                        reps=args.repeats if args.repeats > 1 else None)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    c = res["config"]
+    print(f"synthetic {res['shape']}: {res['parameters'] / 1e9:.2f} B parameters ({c}), {res['dtype']}, "
+          f"{res['device']}, batch 1, cached context {res['context']}")
+    if machine is not None:
+        print(f"machine: matmul {machine.flops_per_s / 1e12:.2f} TFLOP/s, memory {machine.bytes_per_s / 1e9:.1f} GB/s")
+    print(f"\n{'forward':<14} {'T':>5} {'logits':>6} {'GFLOP':>9} {'MB':>9} {'ms':>9} {'roofline':>9}")
+    for k in res["kinds"]:
+        name = k["kind"] if k["kind"] in ("prefill", "ar") else f"{k['kind']} k={k['k']}"
+        frac = f"{k['roofline_fraction']:.2f}" if "roofline_fraction" in k else "-"
+        print(f"{name:<14} {k['T']:>5} {k['n_logits']:>6} {k['gflops']:>9.2f} {k['mbytes']:>9.1f} {k['ms']:>9.3f} "
+              f"{frac:>9}")
+    accept = list(res["projection"][0]["tokens_per_s"])
+    print("\nprojected decode tokens/s (speed-up vs ar) at acceptance length a:")
+    print(f"{'scheme':<16} {'ms/cycle':>9} " + " ".join(f"{'a=' + a:>18}" for a in accept))
+    for r in res["projection"]:
+        cells = []
+        for a in accept:
+            v, s = r["tokens_per_s"][a], r["speedup_vs_ar"][a]
+            cells.append(f"{'-':>18}" if v is None else f"{v:>10.1f} ({s:4.2f}x)")
+        print(f"{r['scheme']:<16} {1e3 * r['forward_s']:>9.3f} " + " ".join(cells))
+    print(json.dumps(res))
+    return 0
+
+
+# -- model benchmark --------------------------------------------------------------------------------
+def load(args: argparse.Namespace):
+    from ..checkpoint import load_model
+    from ..tokenizer import load_tokenizer
+
+    path = BUNDLED if args.model == "bundled" else Path(args.model)
+    model = load_model(path, dtype=_dtype(args.dtype), device=args.device)
+    tok = load_tokenizer(path)
+    if tok is not None:
+        tok.check_model(model.config)
+    return path, model, tok
+
+
+def make_suites(args: argparse.Namespace, path: Path, model, tok) -> tuple[dict[str, list[Prompt]], bool]:
+    from .suites import build_suites, synthetic_suites
+
+    if tok is None:
+        c = model.config
+        avoid = [t for t in (c.mask_token_id, c.eos_token_id) if t is not None]
+        return synthetic_suites(c.vocab_size, n=args.prompts, avoid=avoid), False
+    chat = {"on": True, "off": False, "auto": tok.chat_template is not None}[args.chat]
+    suites = build_suites(tok, n=args.prompts, categories=args.categories, chat=chat, model_dir=path,
+                          domain_files=[Path(f) for f in args.domain_files],
+                          data=Path(args.data) if args.data else None, max_prompt_len=args.max_prompt_len,
+                          domain_prompt_len=args.domain_prompt_len, new_tokens=args.max_new_tokens)
+    return suites, chat
+
+
+def make_configs(args: argparse.Namespace, model) -> list:
+    from .runner import Config
+
+    ks = args.block_lens or [4, 8, 16]
+    if any(k < 1 for k in ks):
+        raise ValueError(f"block lengths must be >= 1, got {ks}")
+    configs = [Config("ar")]
+    for k in ks:
+        if "diffusion" in args.modes:
+            configs += [Config("diffusion", k, t) for t in args.thresholds]
+        if not args.no_sol and "diffusion" in args.modes:
+            configs.append(Config("diffusion", k, None, policy="oracle"))
+        for m in ("linear", "quadratic"):
+            if m in args.modes:
+                configs.append(Config(m, k))
+    return configs
+
+
+def run_all(args, model, suites, configs, *, eos_id, peers_on: bool):
+    """Interleaved repeats: every configuration (and peer) once per repeat; fastest run kept."""
+    from .peers import hf_generate, hf_model, logits_diff
+    from .runner import run_config, warm_up
+
+    allp = [p for ps in suites.values() for p in ps]
+    warm_up(model, allp[0], configs, eos_id=eos_id)
+    peer_info: dict = {}
+    hf = None
+    if peers_on:
+        try:
+            hf = hf_model(model)
+        except ImportError as e:
+            peer_info["skipped"] = f"transformers not installed ({e})"
+        if hf is not None:
+            peer_info["logits_max_abs_diff"] = logits_diff(model, hf, allp[0].tokens)
+            hf_generate(hf, allp[:1], max_new_tokens=4, eos_id=eos_id)  # warm-up
+            hf_generate(hf, allp[:1], max_new_tokens=4, eos_id=eos_id, lookup=args.lookup)
+    best: dict = {}
+    peers_best: dict = {}
+    reference = None
+    n_peer = 2 if hf is not None else 0
+    bar = _progress(args, args.repeats * (len(configs) + n_peer), "bench")
+    for _ in range(args.repeats):
+        for cfg in configs:
+            res = run_config(model, suites, cfg, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             eos_id=eos_id, reference=reference)
+            if cfg.mode == "ar" and reference is None:
+                reference = {r.prompt.source: r.tokens for r in res.rows}
+            prev = best.get(cfg.label)
+            if prev is not None and [r.tokens for r in prev.rows] != [r.tokens for r in res.rows]:
+                raise RuntimeError(f"{cfg.label}: outputs differ between repeats")
+            if prev is None or res.seconds < prev.seconds:
+                best[cfg.label] = res
+            bar.update()
+        if hf is not None:
+            for name, lookup in (("hf generate", None), (f"hf prompt-lookup {args.lookup}", args.lookup)):
+                r = hf_generate(hf, allp, max_new_tokens=args.max_new_tokens, eos_id=eos_id, lookup=lookup, name=name)
+                if name not in peers_best or r.seconds < peers_best[name].seconds:
+                    peers_best[name] = r
+                bar.update()
+    bar.close()
+    return best, peers_best, peer_info, reference
+
+
+def profile_top(model, prompts, configs, *, max_new_tokens: int, eos_id, top: int = 12) -> dict:
+    """torch.profiler over one decode per configuration: the ops that take the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .runner import decode_batch
+    from .timing import TimedModel
+
+    out = {}
+    for cfg in configs:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            decode_batch(TimedModel(model), prompts, cfg, max_new_tokens=max_new_tokens, eos_id=eos_id)
+            wall = time.perf_counter() - t0
+        ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ev) / 1e6
+        out[cfg.label] = {"wall_s": wall, "profiled_self_cpu_s": total, "top": [
+            {"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
+             "share": (e.self_cpu_time_total / 1e6) / total if total else None} for e in ev[:top]]}
+    return out
+
+
+def _fmt(x, spec: str = ".2f", none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def print_report(args, out: dict, configs) -> None:
+    runs = out["runs"]
+    ar = runs[0]
+    peers = {p["name"]: p for p in out.get("peers", [])}
+    print(f"\nmeasured: {out['prompts']} prompts ({', '.join(f'{k} {v}' for k, v in out['categories'].items())}), "
+          f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, greedy, {out['threads']} thread(s), "
+          f"fastest of {args.repeats} interleaved repeat(s)")
+    hdr = (f"{'config':<24} {'tokens':>6} {'NFE':>5} {'tpf':>5} {'tpf_dec':>7} {'accept':>6} {'tok/s':>7} "
+           f"{'vs ar':>6}")
+    for name in peers:
+        hdr += f" {'vs ' + name.replace('hf prompt-lookup', 'hf lookup'):>14}"
+    hdr += f" {'overhead':>8} {'ident':>5} {'agree':>5}"
+    print(hdr)
+    for r in runs:
+        line = (f"{r['config']:<24} {r['tokens']:>6} {r['nfe']:>5} {r['tpf']:>5.2f} {r['tpf_decode']:>7.2f} "
+                f"{_fmt(r['mean_acceptance']):>6} {r['tokens_per_s']:>7.1f} {r['vs_ar']:>6.2f}")
+        for name in peers:
+            line += f" {r['vs_peers'][name]:>14.2f}"
+        line += (f" {_fmt(r['overhead_fraction'], '.0%'):>8} {_fmt(r.get('identical_to_ar'), '.2f'):>5} "
+                 f"{_fmt(r.get('agreement_with_ar'), '.2f'):>5}")
+        print(line)
+    for name, p in peers.items():
+        print(f"{name:<24} {p['tokens']:>6} {'':>5} {'':>5} {'':>7} {'':>6} {p['tokens_per_s']:>7.1f} "
+              f"{p['tokens_per_s'] / ar['tokens_per_s']:>6.2f}   identical to our ar: {p['identical_to_ar']:.2f}")
+    if "logits_max_abs_diff" in out.get("peer_check", {}):
+        print(f"(transformers model built from our weights: max |logits diff| = "
+              f"{out['peer_check']['logits_max_abs_diff']:.2e})")
+    print("(tpf: tokens per forward with prefill; tpf_dec: without; accept: mean acceptance length incl. bonus; "
+          "overhead: share of wall time outside model forwards; ident / agree: identical to / token agreement "
+          "with ar)")
+
+    cats = list(out["categories"])
+    print("\ntokens per forward by category (prefill included)")
+    print(f"{'config':<24} " + " ".join(f"{c:>8}" for c in cats))
+    for r in runs:
+        print(f"{r['config']:<24} " + " ".join(f"{r['categories'][c]['tpf']:>8.3f}" for c in cats))
+
+    spec = [r for r in runs if r.get("conditional_acceptance")]
+    if spec:
+        print("\nspeculative: acceptance-length histogram and per-position conditional acceptance")
+        for r in spec:
+            h = " ".join(f"{k}:{v}" for k, v in r["acceptance_hist"].items())
+            ca = " ".join(_fmt(x, ".2f") for x in r["conditional_acceptance"][:8])
+            print(f"{r['config']:<24} hist {h:<36} P(i | <i) {ca}")
+    print("\nper-step committed-token histogram (forwards that can finalise tokens)")
+    for r in runs:
+        print(f"{r['config']:<24} " + " ".join(f"{k}:{v}" for k, v in r["step_hist"].items()))
+
+    print("\ntime per forward kind (ms) and fraction of the roofline bound reached")
+    kinds = [k for k in FORWARD_KINDS if any(k in r["kinds"] for r in runs)]
+    print(f"{'config':<24} " + " ".join(f"{k:>17}" for k in kinds))
+    for r in runs:
+        cells = []
+        for k in kinds:
+            v = r["kinds"].get(k)
+            cells.append(f"{'-':>17}" if v is None else
+                         f"{v['ms_per_forward']:>8.2f} ({_fmt(v.get('roofline_fraction'), '.0%')})".rjust(17))
+        print(f"{r['config']:<24} " + " ".join(cells))
+    if out.get("profile"):
+        print("\nprofile (torch.profiler, self CPU time; one decode of the first prompt)")
+        for label, p in out["profile"].items():
+            print(f"{label}: wall {p['wall_s']:.3f} s")
+            for e in p["top"][:8]:
+                print(f"    {e['op']:<40} {e['calls']:>6} calls {e['self_cpu_s'] * 1e3:>8.1f} ms "
+                      f"{_fmt(e['share'], '.0%'):>5}")
+    if out.get("sweep"):
+        sw = out["sweep"]
+        print(f"\nbatch-size sweep: ar vs {sw['spec']} (tokens/s)")
+        print(f"{'batch':>5} {'ar':>9} {'spec':>9} {'ratio':>6}")
+        for r in sw["rows"]:
+            print(f"{r['batch']:>5} {r['ar_tokens_per_s']:>9.1f} {r['spec_tokens_per_s']:>9.1f} {r['ratio']:>6.2f}")
+        where = f" (written to {sw['written']})" if sw.get("written") else ""
+        print(f"auto_crossover = {sw['auto_crossover']}{where}")
+
+
+def architecture_lines(model, machine, *, context: int, ks: list[int], bpw: int) -> list[str]:
+    from .roofline import bound_seconds, forward_cost, nominal_kinds
+
+    c = model.config
+    lines = [f"architecture: {c.num_parameters() / 1e6:.2f} M parameters, {c.num_layers} layers, hidden "
+             f"{c.hidden_size}, vocab {c.vocab_size}, {bpw} bytes/weight"]
+    if machine is not None:
+        lines.append(f"machine: matmul {machine.flops_per_s / 1e9:.1f} GFLOP/s ({machine.dtype}), memory copy "
+                     f"{machine.bytes_per_s / 1e9:.2f} GB/s, ridge {machine.flops_per_s / machine.bytes_per_s:.1f} "
+                     f"FLOP/byte")
+    lines.append(f"per forward at batch 1, context {context}:")
+    lines.append(f"  {'kind':<16} {'T':>5} {'MFLOP':>9} {'MB':>8} {'FLOP/B':>7} {'bound ms':>9}")
+    seen = set()
+    for k in ks:
+        for kind, (T, n) in nominal_kinds(k, context=context).items():
+            key = (kind, T)
+            if key in seen:
+                continue
+            seen.add(key)
+            f, b = forward_cost(c, B=1, T=T, S=context + T, n_logits=n, bytes_per_weight=bpw)
+            bound = f"{1e3 * bound_seconds(f, b, machine):>9.3f}" if machine is not None else f"{'-':>9}"
+            name = kind if kind in ("prefill", "ar") else f"{kind} k={k}"
+            lines.append(f"  {name:<16} {T:>5} {f / 1e6:>9.2f} {b / 2**20:>8.2f} {f / b:>7.1f} {bound}")
+    return lines
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from .metrics import summarize
+    from .roofline import measure_machine
+    from .sweep import crossover, sweep, write_serving
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        msg = "CUDA is not available on this machine; benchmark skipped"
+        print(json.dumps({"skipped": msg}) if args.json else msg)
+        return 0
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.repeats < 1:
+        raise ValueError("--batch-size, --max-new-tokens and --repeats must be >= 1")
+    path, model, tok = load(args)
+    c = model.config
+    eos_id = tok.eos_id if tok is not None else c.eos_token_id
+    suites, chat = make_suites(args, path, model, tok)
+    configs = make_configs(args, model)
+    bpw = torch.finfo(model.dtype).bits // 8
+    machine = None if args.no_roofline else measure_machine(dtype=model.dtype, device=model.device)
+    allp = [p for ps in suites.values() for p in ps]
+    ctx = round(sum(len(p.tokens) for p in allp) / len(allp))
+    label = "bundled" if args.model == "bundled" else str(args.model)
+    _say(args, f"model: {label} ({model.dtype}, {model.device}); prompts: "
+               f"{'chat-formatted' if chat else 'raw'}; threads {torch.get_num_threads()}",
+         *architecture_lines(model, machine, context=ctx, ks=args.block_lens or [4, 8, 16], bpw=bpw))
+    best, peers_best, peer_info, reference = run_all(args, model, suites, configs, eos_id=eos_id,
+                                                     peers_on=not args.no_peers and tok is not None)
+    runs = [summarize(best[cfg.label], c, bytes_per_weight=bpw, machine=machine, reference=reference)
+            for cfg in configs]
+    ar_tps = runs[0]["tokens_per_s"]
+    peers = [{"name": n, "tokens": p.tokens, "seconds": p.seconds, "tokens_per_s": p.tokens_per_s,
+              "identical_to_ar": sum(p.outputs[s] == reference[s] for s in reference) / len(reference)}
+             for n, p in peers_best.items()]
+    for r in runs:
+        r["vs_ar"] = r["tokens_per_s"] / ar_tps
+        r["vs_peers"] = {p["name"]: r["tokens_per_s"] / p["tokens_per_s"] for p in peers}
+    spec_runs = [r for r in runs if r["mode"] in ("linear", "quadratic")]
+    best_spec = max(spec_runs, key=lambda r: r["tokens_per_s"]) if spec_runs else None
+    out = {
+        "model": label, "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+        "threads": torch.get_num_threads(), "chat": chat, "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompts": len(allp),
+        "categories": {k: len(v) for k, v in suites.items()},
+        "machine": machine.as_dict() if machine is not None else None,
+        "runs": runs, "peers": peers, "peer_check": peer_info,
+        "best_speculative": None if best_spec is None else {
+            "config": best_spec["config"], "tokens_per_s": best_spec["tokens_per_s"], "vs_ar": best_spec["vs_ar"],
+            "vs_peers": best_spec["vs_peers"], "identical_to_ar": best_spec.get("identical_to_ar")},
+    }
+    if args.profile:
+        prof_cfgs = [configs[0]] + [cf for cf in configs if best_spec and cf.label == best_spec["config"]]
+        out["profile"] = profile_top(model, allp[:1], prof_cfgs, max_new_tokens=args.max_new_tokens, eos_id=eos_id)
+    if args.sweep:
+        if best_spec is None:
+            raise ValueError("--sweep needs a speculative mode (linear or quadratic) in --modes")
+        spec_cfg = next(cf for cf in configs if cf.label == best_spec["config"])
+        bar = _progress(args, len(args.sweep) * 2 * args.repeats, "sweep")
+        rows = sweep(model, allp, spec_cfg, args.sweep, max_new_tokens=args.max_new_tokens, eos_id=eos_id,
+                     repeats=args.repeats, progress=bar.update)
+        bar.close()
+        sw = {"spec": spec_cfg.label, "mode": spec_cfg.mode, "block_len": spec_cfg.block_len, "rows": rows,
+              "auto_crossover": crossover(rows)}
+        if args.write_crossover:
+            written = write_serving(path, {
+                "auto_crossover": sw["auto_crossover"], "speculative_mode": spec_cfg.mode,
+                "block_len": spec_cfg.block_len, "measured_batch_sizes": args.sweep,
+                "device": str(model.device), "threads": torch.get_num_threads(),
+                "max_new_tokens": args.max_new_tokens,
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": "trimode bench --sweep",
+            })
+            sw["written"] = str(written)
+        out["sweep"] = sw
+    if args.plots:
+        out["plots"] = [str(p) for p in __import__("trimode.bench.plots", fromlist=["write_plots"]).write_plots(
+            out, args.plots)]
+    if not args.json:
+        print_report(args, out, configs)
+        if out.get("plots"):
+            print("plots: " + ", ".join(out["plots"]))
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    threads = torch.get_num_threads()
+    if args.threads < 1:
+        print("trimode bench: error: --threads must be >= 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        return cmd_synthetic(args) if args.synthetic else cmd_model(args)
+    except ValueError as e:
+        if "TRIMODE_DEBUG" in __import__("os").environ:
+            raise
+        print(f"trimode bench: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
