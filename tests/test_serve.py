@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from trimode.cli import BUNDLED  # noqa: E402
 from trimode.serve.app import ServerSettings, create_app  # noqa: E402
-from trimode.serve.cli import FALLBACK_CROSSOVER, read_crossover  # noqa: E402
+from trimode.serve.cli import FALLBACK_CROSSOVER, read_crossover, read_serving  # noqa: E402
 from trimode.serve.engine import Engine, EngineConfig, Job  # noqa: E402
 from trimode.serve.fake import fake_api, fake_model  # noqa: E402
 from trimode.serve.text import TextStream  # noqa: E402
@@ -402,6 +402,11 @@ def test_read_crossover(tmp_path):
     assert read_crossover(tmp_path) == (FALLBACK_CROSSOVER, "fallback (no serving.json)")
     (tmp_path / "serving.json").write_text('{"auto_crossover": 12}')
     assert read_crossover(tmp_path)[0] == 12
-    (tmp_path / "serving.json").write_text('{"auto_crossover": -1}')
-    with pytest.raises(ValueError):
-        read_crossover(tmp_path)
+    # as `trimode bench --sweep --write-crossover` writes it: the spec config the crossover was measured with
+    (tmp_path / "serving.json").write_text(json.dumps({"auto_crossover": 3, "speculative_mode": "quadratic",
+                                                       "block_len": 6, "device": "cpu"}))
+    assert read_serving(tmp_path)[0] == {"auto_crossover": 3, "speculative_mode": "quadratic", "block_len": 6}
+    for bad in ('{"auto_crossover": -1}', '{"auto_crossover": "4"}', "{}", "not json"):
+        (tmp_path / "serving.json").write_text(bad)
+        with pytest.raises(ValueError):
+            read_crossover(tmp_path)

@@ -13,6 +13,7 @@ from pathlib import Path
 # measurement (serving.json, written by `trimode bench --write-crossover`) we assume 8: speculation
 # pays while a forward is memory-bound, and batches of a handful of rows already fill a small device.
 FALLBACK_CROSSOVER = 8
+FALLBACK_BLOCK_LEN = 4  # the fastest linear draft length on the bundled model (docs/serving.md)
 SERVING_JSON = "serving.json"
 
 
@@ -24,18 +25,33 @@ def model_dir(name: str) -> Path:
     return Path(name)
 
 
-def read_crossover(path: Path) -> tuple[int, str]:
-    """The auto crossover from DIR/serving.json, or the fallback; returns (value, where it came from)."""
+def read_serving(path: Path) -> tuple[dict, str]:
+    """DIR/serving.json as written by `trimode bench --sweep --write-crossover`: auto_crossover (required),
+    speculative_mode and block_len (the configuration the crossover was measured with; optional).
+    Returns ({} , reason) when there is no file."""
     f = path / SERVING_JSON
     if not f.is_file():
-        return FALLBACK_CROSSOVER, f"fallback (no {SERVING_JSON})"
+        return {}, f"fallback (no {SERVING_JSON})"
     try:
-        value = json.loads(f.read_text())["auto_crossover"]
+        data = json.loads(f.read_text())
+        value = data["auto_crossover"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{f}: expected {{\"auto_crossover\": N}}: {e}") from None
+        raise ValueError(f"{f}: expected {{\"auto_crossover\": N, ...}}: {e!r}") from None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{f}: auto_crossover must be a non-negative integer, got {value!r}")
-    return value, str(f)
+    out = {"auto_crossover": value}
+    if data.get("speculative_mode") in ("linear", "quadratic"):
+        out["speculative_mode"] = data["speculative_mode"]
+    bl = data.get("block_len")
+    if isinstance(bl, int) and not isinstance(bl, bool) and bl >= 1:
+        out["block_len"] = bl
+    return out, str(f)
+
+
+def read_crossover(path: Path) -> tuple[int, str]:
+    """The auto crossover from DIR/serving.json, or the fallback; returns (value, where it came from)."""
+    data, source = read_serving(path)
+    return data.get("auto_crossover", FALLBACK_CROSSOVER), source
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,14 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "name, 'bundled' for the bundled model)")
     g = p.add_argument_group("decoding defaults (a request's \"decoding\" field overrides them)")
     g.add_argument("--mode", default="auto", choices=["auto", "ar", "diffusion", "linear", "quadratic"])
-    g.add_argument("--spec-mode", default="linear", choices=["linear", "quadratic"],
-                   help="the speculative mode 'auto' uses at low load (linear measured faster on the bundled "
-                        "model; docs/serving.md)")
+    g.add_argument("--spec-mode", default=None, choices=["linear", "quadratic"],
+                   help=f"the speculative mode 'auto' uses at low load. Default: speculative_mode from "
+                        f"DIR/{SERVING_JSON}, else linear (faster than quadratic on the bundled model; "
+                        f"docs/serving.md)")
     g.add_argument("--auto-crossover", type=int, default=None,
                    help=f"'auto' decodes speculatively while running + queued requests <= N, AR above. Default: "
                         f"auto_crossover from DIR/{SERVING_JSON} (trimode bench --write-crossover), else "
                         f"{FALLBACK_CROSSOVER}")
-    g.add_argument("--block-len", type=int, default=8, help="diffusion block / draft length")
+    g.add_argument("--block-len", type=int, default=None,
+                   help=f"diffusion block / draft length. Default: block_len from DIR/{SERVING_JSON} (the "
+                        f"configuration its crossover was measured with), else {FALLBACK_BLOCK_LEN}")
     g.add_argument("--threshold", type=float, default=0.9, help="diffusion confidence threshold")
     g.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens when a request omits it (capped by the context left)")
@@ -94,8 +113,14 @@ def build(args: argparse.Namespace):
     path = model_dir(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    crossover, source = (args.auto_crossover, "--auto-crossover") if args.auto_crossover is not None \
-        else read_crossover(path)
+    serving, source = read_serving(path)
+    crossover = serving.get("auto_crossover", FALLBACK_CROSSOVER)
+    if args.auto_crossover is not None:
+        crossover, source = args.auto_crossover, "--auto-crossover"
+    if args.block_len is None:
+        args.block_len = serving.get("block_len", FALLBACK_BLOCK_LEN)
+    if args.spec_mode is None:
+        args.spec_mode = serving.get("speculative_mode", "linear")
     for name in ("max_running", "max_tokens_limit", "default_max_tokens", "max_block_len", "max_body_bytes",
                  "block_len"):
         if getattr(args, name) < 1:
