@@ -54,18 +54,29 @@ def read_crossover(path: Path) -> tuple[int, str]:
     return data.get("auto_crossover", FALLBACK_CROSSOVER), source
 
 
+class _Help(argparse.HelpFormatter):
+    """Show a flag's default unless its help already explains it (or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if "default" in h.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return h
+        return f"{h} (default: %(default)s)" if h else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="trimode serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="trimode serve", formatter_class=_Help,
         description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
                     "/metrics) with continuous batching and load-aware decoding-mode selection.")
     p.add_argument("--model", required=True, help="checkpoint directory (native, NLD or HF), or 'bundled'")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory "
                                                              "name, 'bundled' for the bundled model)")
     g = p.add_argument_group("decoding defaults (a request's \"decoding\" field overrides them)")
-    g.add_argument("--mode", default="auto", choices=["auto", "ar", "diffusion", "linear", "quadratic"])
+    g.add_argument("--mode", default="auto", choices=["auto", "ar", "diffusion", "linear", "quadratic"],
+                   help="decoding mode of requests that do not name one")
     g.add_argument("--spec-mode", default=None, choices=["linear", "quadratic"],
                    help=f"the speculative mode 'auto' uses at low load. Default: speculative_mode from "
                         f"DIR/{SERVING_JSON}, else linear (faster than quadratic on the bundled model; "
@@ -92,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     rt = p.add_argument_group("runtime")
     rt.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: as stored)")
-    rt.add_argument("--device", default="cpu")
+    rt.add_argument("--device", default="cpu", help="torch device of the model")
     rt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     rt.add_argument("--fake-decoder", action="store_true",
                     help="serve a model-free scripted decoder (tests and load tests of the HTTP layer only)")
-    rt.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    rt.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="server log level")
     return p
 
 
