@@ -92,6 +92,18 @@ def test_openai_client(server):
     metrics = httpx.get(url + "/metrics").text
     assert 'trimode_generations_total{mode="linear",reason=' in metrics
 
+    # a client that disconnects mid-stream (or mid-request) frees its slot at the next cycle boundary
+    body = {"model": "bundled", "prompt": prompt, "max_tokens": 900, "decoding": {"mode": "ar"}}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        next(r.iter_lines())
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=1.0)
+    t0 = time.time()
+    while httpx.get(url + "/health").json()["running"]:
+        assert time.time() - t0 < 10, "a disconnected client's row kept running"
+        time.sleep(0.05)
+    assert 'trimode_generations_total{mode="ar",reason="cancelled"} 2' in httpx.get(url + "/metrics").text
+
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
