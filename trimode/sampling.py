@@ -152,15 +152,22 @@ def uniforms_at(
 
 
 def fresh_uniforms(
-    rngs: Sequence[RowRandom | None], n: int, *, only: torch.Tensor | None = None, device: torch.device | str = "cpu"
+    rngs: Sequence[RowRandom | None],
+    n: int,
+    *,
+    only: torch.Tensor | None = None,
+    counts: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """(B, n) fresh uniforms from each row's generator; rows that are greedy or not in `only` (a (B,)
-    bool) draw nothing and get zeros."""
+    """(B, n) fresh uniforms from each row's generator: row b draws counts[b] (default n) into its
+    first columns. Rows that are greedy or not in `only` (a (B,) bool) draw nothing (zeros), so what
+    a row draws never depends on the other rows of the batch."""
     out = torch.zeros(len(rngs), n, dtype=torch.float64)
     flags = only.tolist() if only is not None else [True] * len(rngs)
     for b, r in enumerate(rngs):
-        if r is not None and flags[b] and n > 0:
-            out[b] = r.fresh(n)
+        m = n if counts is None else int(counts[b])
+        if r is not None and flags[b] and m > 0:
+            out[b, :m] = r.fresh(m)
     return out.to(device)
 
 
@@ -400,3 +407,66 @@ def chi2_two_sample(a: torch.Tensor, b: torch.Tensor, *, min_expected: float = 5
     EA, EB = T * na / (na + nb), T * nb / (na + nb)
     stat = ((A - EA) ** 2 / EA).sum() + ((Bc - EB) ** 2 / EB).sum()
     return float(stat), int(T.numel() - 1)
+
+
+# --- what a decoder needs per step ---------------------------------------------------------------
+
+
+class BatchSampler:
+    """The sampling side of one decoder step for a batch of rows, in batch order.
+
+    params[b] None (or temperature 0) means greedy: that row takes exactly the argmax path.
+    rngs[b] is row b's RowRandom (None for greedy rows). independent_draft: the decoder's drafts are
+    one-pass independent samples with recorded q (see `resolve_rule`).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[SamplingParams | None],
+        rngs: Sequence[RowRandom | None],
+        *,
+        independent_draft: bool,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.rngs = list(rngs)
+        self.device = device
+        self.rules = [resolve_rule(p, independent_draft=independent_draft) for p in params]
+        self.sampled = torch.tensor([r != "greedy" for r in self.rules], dtype=torch.bool, device=device)
+        self.rejection = torch.tensor([r == "rejection" for r in self.rules], dtype=torch.bool, device=device)
+        self.any = bool(self.sampled.any())
+        self.any_rejection = bool(self.rejection.any())
+        self.params = BatchParams.of(params, device=device)
+
+    def uniforms(self, starts: Sequence[int], n: int) -> torch.Tensor:
+        """(B, n, N_STREAMS) uniforms of generated tokens starts[b] .. starts[b] + n - 1."""
+        if not self.any:
+            return torch.zeros(len(self.rngs), n, N_STREAMS, dtype=torch.float64, device=self.device)
+        return uniforms_at(self.rngs, starts, n, device=self.device)
+
+    def fresh(self, n: int, only: torch.Tensor | None = None, counts: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, n) fresh uniforms for the sampled rows in `only`, counts[b] for row b (diffusion mode)."""
+        return fresh_uniforms(self.rngs, n, only=only, counts=counts, device=self.device)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Processed distributions (B, ..., V) (one-hot argmax for greedy rows)."""
+        return process_logits(logits, self.params)
+
+    def choose(self, logits: torch.Tensor, u: torch.Tensor, *, want_probs: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (B, ...) for masked logits (B, ..., V): argmax for greedy rows, sample(processed, u)
+        for sampled rows (u: (B, ...) uniforms). Also returns the processed distributions when asked."""
+        greedy_tok = logits.argmax(-1)
+        if not self.any:
+            return greedy_tok, (self.probs(logits) if want_probs else None)
+        probs = self.probs(logits)
+        view = (-1,) + (1,) * (greedy_tok.dim() - 1)
+        tok = torch.where(self.sampled.view(view), sample(probs, u), greedy_tok)
+        return tok, (probs if want_probs else None)
+
+    def verify(self, drafts: torch.Tensor, logits: torch.Tensor, u: torch.Tensor,
+               q: torch.Tensor | None = None) -> Acceptance:
+        """Acceptance for every row: drafts (B, n), masked verifier logits (B, n + 1, V) (slot i
+        predicts the token drafts[:, i] proposes; slot n the bonus), u (B, n + 1, N_STREAMS), q (B, n, V)
+        the drafts' recorded processed distributions (needed for rows using rejection)."""
+        p = self.probs(logits)
+        return accept(drafts, p, u, q=q, rejection=self.rejection if q is not None else None)

@@ -14,6 +14,7 @@ from enum import Enum
 
 import torch
 
+from ..sampling import SamplingParams
 from .ar import ARDecoder
 from .batch import Decoder, validate_rows
 from .common import FORWARD_KINDS, PREFILL, DecodeConfig, DraftOverride, Row, Rows, Step
@@ -21,7 +22,6 @@ from .diffusion import DiffusionDecoder
 from .linear import LinearDecoder
 from .policies import EvenSchedule, Oracle, PolicyContext, Threshold
 from .quadratic import QuadraticDecoder
-from .stats import row_stats
 
 
 class Mode(str, Enum):
@@ -104,9 +104,17 @@ def prepare(
     draft_adapter: str | None = "draft",
     draft_override: DraftOverride | None = None,
     policy: object | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | Sequence[int] | None = None,
+    acceptance: str = "auto",
 ) -> tuple[Mode, DecodeConfig, Rows]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
+    sampling = _sampling(len(prompts) if isinstance(prompts, Sequence) else 0, temperature=temperature,
+                         top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, acceptance=acceptance)
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
         draft_adapter=draft_adapter, draft_override=draft_override, policy=policy,
@@ -114,7 +122,29 @@ def prepare(
     _validate(model, prompts, m, max_new_tokens, stop)
     eos = eos_id if eos_id is not None else model.config.eos_token_id
     stop_ids = set(stop or ()) | ({eos} if eos is not None else set())
-    return m, cfg, Rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    return m, cfg, Rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling)
+
+
+def _sampling(
+    n: int, *, temperature: float, top_k: int, top_p: float, min_p: float, seed: int | Sequence[int] | None,
+    acceptance: str,
+) -> list[SamplingParams | None]:
+    """One SamplingParams per prompt (None for all when temperature is 0: the greedy paths).
+
+    seed: an int gives prompt i the seed `seed + i`; a list gives one per prompt; None draws
+    nondeterministic seeds (reported in each Generation's stats["seed"]). Validated even when greedy.
+    """
+    if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+        if len(seed) != n:
+            raise ValueError(f"seed must be an int, None or a list of one seed per prompt ({n}), got {len(seed)}")
+        seeds = list(seed)
+    elif seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        seeds = [None if seed is None else seed + i for i in range(n)]
+    else:
+        raise ValueError(f"seed must be an int, None or a list of one seed per prompt, got {seed!r:.60}")
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=s,
+                             acceptance=acceptance) for s in seeds]
+    return [None if p.greedy else p for p in params]
 
 
 def run(model: torch.nn.Module, mode: Mode, cfg: DecodeConfig, rows: Rows) -> Iterator[Step]:
@@ -139,7 +169,7 @@ def run(model: torch.nn.Module, mode: Mode, cfg: DecodeConfig, rows: Rows) -> It
 def generations(rows: Rows, mode: Mode) -> list[Generation]:
     out = []
     for r in rows.rows:
-        st = row_stats(r.trace, len(r.tokens), mode=mode.value)
+        st = r.stats(mode.value)
         out.append(Generation(r.tokens, st["nfe"], r.finish_reason or "length", st))
     return out
 
@@ -160,7 +190,10 @@ def generate(
 
     mode: "ar", "diffusion", "linear" or "quadratic". block_len: diffusion block / draft length.
     threshold: diffusion confidence threshold (None: even schedule over `steps`). stop: extra stop
-    token ids. eos_id: defaults to the model's. Greedy decoding. Other options: steps,
+    token ids. eos_id: defaults to the model's. Sampling (docs/sampling.md): temperature (0, the
+    default, is greedy), top_k, top_p, min_p, seed (int: prompt i gets seed + i; or one per prompt),
+    acceptance ("auto", "match" or "rejection": the rule of the speculative modes; each Generation's
+    stats["acceptance_rule"] says which ran). Other options: steps,
     draft_adapter (name of the LoRA used in draft passes, default "draft" when present),
     draft_override (a hook replacing draft proposals), policy (diffusion unmasking policy object,
     e.g. `Oracle(reference)`; overrides threshold / steps). Each Generation holds the new tokens (EOS

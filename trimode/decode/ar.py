@@ -1,10 +1,15 @@
-"""Autoregressive decoding: a causal prefill, then one token per causal forward."""
+"""Autoregressive decoding: a causal prefill, then one token per causal forward.
+
+Sampled rows draw token t from their processed distribution with the uniform of token t
+(`trimode.sampling`); greedy rows take the argmax.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .. import masks
+from ..sampling import U_SAMPLE
 from .batch import Decoder
 from .common import AR_STEP, PREFILL, Row, Step, clamp_positions, exclude_mask, prefill, record
 
@@ -18,7 +23,8 @@ class ARDecoder(Decoder):
 
     def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
         record(rows, PREFILL)
-        nxt, _ = prefill(self.model, rows, cache, mask_id=self.model.config.mask_token_id)
+        nxt, _, _ = prefill(self.model, rows, cache, mask_id=self.model.config.mask_token_id,
+                            sampler=self.sampler(rows))
         return [Step(PREFILL, [r.emit([int(nxt[i])]) for i, r in enumerate(rows)], rows)], {"nxt": nxt}
 
     def _cycle(self) -> list[Step]:
@@ -31,7 +37,9 @@ class ARDecoder(Decoder):
         logits = model(nxt[:, None], positions, mask=mask, cache=cache)
         cache.commit(1)
         stepped = record(rows, AR_STEP)
-        nxt = exclude_mask(logits[:, -1], c.mask_token_id).argmax(-1)
+        sampler = self.sampler(rows)
+        u = sampler.uniforms([len(r.tokens) for r in rows], 1)[:, 0, U_SAMPLE]
+        nxt, _ = sampler.choose(exclude_mask(logits[:, -1], c.mask_token_id), u)  # argmax if all greedy
         self.state["nxt"] = nxt
         out: list[list[int] | None] = [None] * len(rows)
         for i in stepped:

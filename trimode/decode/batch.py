@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..cache import KVCache
+from ..sampling import BatchSampler, resolve_rule
 from .common import DecodeConfig, Row, Step, cache_capacity
 
 
@@ -51,6 +52,7 @@ class Decoder:
 
     mode: str = ""
     needs_mask: bool = True
+    speculative: bool = False  # verifies drafts (linear, quadratic): rows get an acceptance rule
 
     def __init__(self, model: torch.nn.Module, cfg: DecodeConfig) -> None:
         self.model = model
@@ -70,6 +72,16 @@ class Decoder:
     def _cycle(self) -> list[Step]:
         raise NotImplementedError
 
+    def independent_draft(self) -> bool:
+        """Whether this decoder's drafts are one-pass independent samples from recorded
+        distributions (rejection sampling is valid); an external draft_override voids it."""
+        return self.speculative and self.cfg.draft_override is None
+
+    def sampler(self, rows: Sequence[Row]) -> BatchSampler:
+        """The sampling side of a forward over `rows` (greedy rows take the argmax path)."""
+        return BatchSampler([r.sampling for r in rows], [r.rng for r in rows],
+                            independent_draft=self.independent_draft(), device=self.model.device)
+
     # -- public ------------------------------------------------------------------------------------
     @property
     def idle(self) -> bool:
@@ -81,6 +93,9 @@ class Decoder:
         if not rows:
             return []
         validate_rows(self.model, rows, needs_mask=self.needs_mask)
+        for r in rows:
+            r.acceptance_rule = resolve_rule(r.sampling, independent_draft=self.independent_draft()) \
+                if self.speculative else None
         cache = self.model.new_cache(len(rows), cache_capacity(rows, self.scratch()))
         steps, state = self._prefill(rows, cache)
         if self.running:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import masks
+from ..sampling import U_DRAFT, U_SAMPLE, BatchSampler, RowRandom, SamplingParams
 
 # Forward kinds, the vocabulary of every counter.
 PREFILL, AR_STEP, DRAFT, VERIFY, DENOISE, COMMIT, QUADRATIC = (
@@ -65,13 +66,22 @@ class Row:
         max_new_tokens: int,
         stop_ids: Iterable[int] = (),
         index: int = 0,
-        sampling: object | None = None,
+        sampling: SamplingParams | None = None,
     ) -> None:
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a trimode.sampling.SamplingParams or None, got {sampling!r:.80}")
         self.prompt = list(prompt)
         self.max_new_tokens = max_new_tokens
         self.stop_ids = frozenset(int(s) for s in stop_ids)
         self.index = index  # position in the caller's list of prompts
-        self.sampling = sampling  # None: greedy
+        self.sampling = sampling  # None (or temperature 0): greedy
+        # The request's own generator (uniforms keyed by generated-token index); None when greedy.
+        self.rng = RowRandom(sampling.seed) if sampling is not None and not sampling.greedy else None
+        # Set by the decoder at admit: "greedy" | "match" | "rejection" (speculative modes), else None.
+        self.acceptance_rule: str | None = None
+        # Decoder scratch: the processed distributions (n, V) the row's pending drafts were sampled
+        # from, kept only for rows verifying with the rejection rule.
+        self.draft_q: torch.Tensor | None = None
         self.tokens: list[int] = []
         self.done = False
         self.finish_reason: str | None = None
@@ -114,7 +124,13 @@ class Row:
     def stats(self, mode: str) -> dict:
         from .stats import row_stats
 
-        return row_stats(self.trace, len(self.tokens), mode=mode)
+        st = row_stats(self.trace, len(self.tokens), mode=mode)
+        sampled = self.rng is not None
+        st["temperature"] = float(self.sampling.temperature) if sampled else 0.0
+        st["seed"] = self.rng.seed if sampled else None
+        st["acceptance_rule"] = self.acceptance_rule
+        st["acceptance_requested"] = self.sampling.acceptance if sampled and self.acceptance_rule else None
+        return st
 
 
 @dataclass
@@ -144,10 +160,17 @@ class Rows:
     """The rows of one `generate` call, in prompt order (a thin view over `Row` objects)."""
 
     def __init__(
-        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Iterable[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_ids: Iterable[int],
+        sampling: Sequence[SamplingParams | None] | None = None,
     ) -> None:
         stop = frozenset(int(s) for s in stop_ids)
-        self.rows = [Row(p, max_new_tokens=max_new_tokens, stop_ids=stop, index=i) for i, p in enumerate(prompts)]
+        params = list(sampling) if sampling is not None else [None] * len(prompts)
+        self.rows = [Row(p, max_new_tokens=max_new_tokens, stop_ids=stop, index=i, sampling=sp)
+                     for i, (p, sp) in enumerate(zip(prompts, params))]
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop
 
@@ -228,13 +251,20 @@ def prefill(
     draft_len: int = 0,
     mask_id: int | None = None,
     adapter: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    sampler: BatchSampler | None = None,
+    fresh: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Causal prefill of ragged prompts (right-padded, per-row commit), optionally fused with a draft.
 
     With draft_len = k > 0 each row's prompt is followed by k mask tokens that see the whole prompt
     and each other (the draft adapter acts on them only); their K/V are scratch and dropped.
-    Returns the first token per row (B,) and, with a draft, k - 1 draft proposals (B, k - 1) for
-    the tokens after it. Commits each row's prompt.
+    Returns the first token per row (B,), with a draft k - 1 draft proposals (B, k - 1) for the
+    tokens after it, and the processed distributions they were drawn from (B, k - 1, V) when some row
+    verifies with the rejection rule (else None). Commits each row's prompt.
+
+    sampler: sampled rows draw the first token from their processed distribution (uniform of token
+    0, or a fresh one with `fresh`, as diffusion mode does) and each draft independently from its
+    slot's processed marginal (draft uniforms of tokens 1..k-1); greedy rows take the argmax.
     """
     dev = model.device
     c = model.config
@@ -257,9 +287,43 @@ def prefill(
         logits = model(tokens, positions, mask=masks.causal(T, device=dev), cache=cache, logits_at=last[:, None])
     cache.commit(lengths)
     logits = exclude_mask(logits, mask_id)
-    first = logits[:, 0].argmax(-1)
-    drafts = logits[:, 1:].argmax(-1) if draft_len > 1 else None
-    return first, drafts
+    if sampler is None or not sampler.any:
+        first = logits[:, 0].argmax(-1)
+        drafts = logits[:, 1:].argmax(-1) if draft_len > 1 else None
+        return first, drafts, None
+    if fresh:
+        first, _ = sampler.choose(logits[:, 0], sampler.fresh(1)[:, 0])
+    else:
+        u = sampler.uniforms([len(r.tokens) for r in rows], max(draft_len, 1))  # (B, k, streams)
+        first, _ = sampler.choose(logits[:, 0], u[:, 0, U_SAMPLE])
+    drafts = q = None
+    if draft_len > 1:
+        drafts, q = sampler.choose(logits[:, 1:], u[:, 1:, U_DRAFT], want_probs=sampler.any_rejection)
+    return first, drafts, q
+
+
+def stack_draft_q(rows: Sequence[Row], sampler: BatchSampler, n: int, vocab: int, *, dtype: torch.dtype,
+                  device: torch.device | str) -> torch.Tensor | None:
+    """(B, n, V) recorded draft distributions of the rows verifying by rejection (zeros where a row
+    has none, e.g. it will draft this cycle), or None when no row verifies by rejection."""
+    if not sampler.any_rejection or n == 0:
+        return None
+    q = torch.zeros(len(rows), n, vocab, dtype=dtype, device=device)
+    for i, r in enumerate(rows):
+        if r.draft_q is not None and sampler.rules[i] == "rejection":
+            q[i] = r.draft_q[:n]
+    return q
+
+
+def probs_dtype(model: torch.nn.Module) -> torch.dtype:
+    """dtype of processed distributions (`trimode.sampling.process_logits`) for this model's logits."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def keep_draft_q(rows: Sequence[Row], sampler: BatchSampler, q: torch.Tensor | None) -> None:
+    """Store each rejection row's recorded draft distributions on the row (they travel with it)."""
+    for i, r in enumerate(rows):
+        r.draft_q = q[i] if q is not None and sampler.rules[i] == "rejection" else None
 
 
 def apply_override(cfg: DecodeConfig, drafts: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:

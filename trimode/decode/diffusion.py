@@ -7,6 +7,12 @@ canvas holds an EOS (or stop token) with every slot before it filled stops denoi
 block is emitted, then one causal forward over it commits its K/V and predicts the next seed.
 The prefill is counted as a forward (it produces the first seed); the trailing commit of the last
 block is skipped when no row needs another token.
+
+Sampling (docs/sampling.md; not AR-equivalent): a sampled row's seed is a sample from its processed
+distribution; at every denoising forward each of its masked slots proposes a sample from the slot's
+processed distribution, with confidence = that sample's processed probability, and the policy
+chooses among these proposals as it does among argmaxes. Draws are fresh uniforms from the row's
+generator, taken only for rows with slots left to fill, so a row's output is batch-independent.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks
+from ..sampling import sample
 from .batch import Decoder
 from .common import (
     COMMIT,
@@ -52,7 +59,8 @@ class DiffusionDecoder(Decoder):
 
     def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
         record(rows, PREFILL)
-        seed, _ = prefill(self.model, rows, cache, mask_id=self.model.config.mask_token_id)
+        seed, _, _ = prefill(self.model, rows, cache, mask_id=self.model.config.mask_token_id,
+                             sampler=self.sampler(rows), fresh=True)
         # seed_credit: trace index of the forward that produced each row's seed.
         credit = torch.tensor([len(r.trace) - 1 for r in rows], dtype=torch.long)
         return [Step(PREFILL, [[] for _ in rows], rows)], {"seed": seed, "seed_credit": credit}
@@ -100,6 +108,7 @@ class DiffusionDecoder(Decoder):
         for i, r in enumerate(rows):
             if r.stop_ids:
                 own_stop[i, sorted(r.stop_ids)] = True
+        sampler = self.sampler(rows)
         step = 0
         while True:
             if stop_ids:
@@ -110,6 +119,15 @@ class DiffusionDecoder(Decoder):
             logits = model(canvas, positions, mask=bidir, cache=cache, logits_at=want)
             probs = exclude_mask(logits.float(), mask_id).softmax(-1)
             conf, proposal = probs.max(-1)  # (B, K-1)
+            if sampler.any:
+                # Sampled rows: a sample per masked slot, confident as its processed probability.
+                sp = sampler.probs(exclude_mask(logits, mask_id))
+                u = sampler.fresh(K - 1, only=candidates.any(1), counts=(Kb - 1).tolist())  # own block only
+                drawn = sample(sp, u)
+                pick = sampler.sampled[:, None]
+                proposal = torch.where(pick, drawn, proposal)
+                conf = torch.where(pick, sp.gather(-1, drawn[..., None]).squeeze(-1).to(conf.dtype), conf)
+                probs = torch.where(pick[..., None], sp.to(probs.dtype), probs)
             ctx = PolicyContext(proposal=proposal, probs=probs, filled=filled, rows=rows, start=start)
             fill = policy.select(conf, candidates, step, ctx) & candidates
             # A policy may rewrite ctx.proposal (the oracle forces the AR token when nothing matches).
@@ -134,7 +152,11 @@ class DiffusionDecoder(Decoder):
         logits = model(canvas, positions, mask=causal, cache=cache, logits_at=(Kb - 1)[:, None])
         cache.commit(torch.where(active_mask(rows, dev), Kb, 0))
         committed = record(rows, COMMIT)
-        self.state["seed"] = exclude_mask(logits[:, 0], mask_id).argmax(-1)
+        if sampler.any:
+            u = sampler.fresh(1, only=active_mask(rows))[:, 0]
+            self.state["seed"], _ = sampler.choose(exclude_mask(logits[:, 0], mask_id), u)
+        else:
+            self.state["seed"] = exclude_mask(logits[:, 0], mask_id).argmax(-1)
         seed_credit = self.state["seed_credit"].clone()
         for i in committed:
             seed_credit[i] = len(rows[i].trace) - 1

@@ -10,6 +10,12 @@ prediction given the emitted prefix, so greedy output equals AR greedy output.
 
 Improvement over the reference: the first draft is fused into the prefill forward (the prompt is
 followed by K mask tokens that see it; the adapter acts on those tokens only), saving one forward.
+
+Sampling (docs/sampling.md): a sampled row draws each d_i independently from its slot's processed
+marginal q_i in the one draft forward, and verifies with its rule (`trimode.sampling.accept`):
+`match` samples the verifier at every slot, `rejection` runs the Leviathan/Chen test against the
+recorded q_i, which is valid because q_i depends only on the emitted prefix. While a row verifies
+by rejection, cycles draft a full block_len, so its drafts never depend on its neighbours' budgets.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks
+from ..sampling import U_DRAFT, BatchSampler
 from .batch import Decoder
 from .common import (
     DRAFT,
@@ -29,9 +36,12 @@ from .common import (
     apply_override,
     clamp_positions,
     exclude_mask,
+    keep_draft_q,
     pred_slots,
     prefill,
+    probs_dtype,
     record,
+    stack_draft_q,
 )
 
 
@@ -52,6 +62,13 @@ def draft_pass(
     model: torch.nn.Module, cache, nxt: torch.Tensor, K: int, *, adapter: str | None
 ) -> torch.Tensor:
     """Bidirectional draft of K - 1 tokens after `nxt` (B,); reads the cache, commits nothing."""
+    return draft_logits(model, cache, nxt, K, adapter=adapter).argmax(-1)  # (B, K-1)
+
+
+def draft_logits(
+    model: torch.nn.Module, cache, nxt: torch.Tensor, K: int, *, adapter: str | None
+) -> torch.Tensor:
+    """Logits (mask id excluded) (B, K - 1, V) of the bidirectional draft forward after `nxt` (B,)."""
     c = model.config
     dev = model.device
     B = nxt.shape[0]
@@ -62,11 +79,24 @@ def draft_pass(
     want = pred_slots(torch.arange(1, K, device=dev), c.dlm_type).expand(B, K - 1)
     logits = model(canvas, positions, mask=masks.with_prefix(masks.bidirectional(K, device=dev), cache.length, S),
                    cache=cache, adapter=adapter, logits_at=want)
-    return exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K-1)
+    return exclude_mask(logits, c.mask_token_id)
+
+
+def sampled_draft(
+    model: torch.nn.Module, cache, nxt: torch.Tensor, K: int, *, adapter: str | None, sampler: BatchSampler,
+    starts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft forward for a batch with sampled rows: d_i drawn from its processed marginal with the
+    draft uniform of its token (starts[b] + i - 1); returns drafts (B, K-1) and, when some row
+    verifies by rejection, their distributions (B, K-1, V)."""
+    logits = draft_logits(model, cache, nxt, K, adapter=adapter)
+    u = sampler.uniforms(starts, K - 1)[..., U_DRAFT]
+    return sampler.choose(logits, u, want_probs=sampler.any_rejection)
 
 
 class LinearDecoder(Decoder):
     mode = "linear"
+    speculative = True
 
     def scratch(self) -> int:
         return self.cfg.block_len
@@ -75,8 +105,10 @@ class LinearDecoder(Decoder):
         c = self.model.config
         k = self.cfg.block_len
         record(rows, PREFILL)
-        nxt, drafts = prefill(self.model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id,
-                              adapter=adapter_for(self.model, self.cfg))
+        sampler = self.sampler(rows)
+        nxt, drafts, q = prefill(self.model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id,
+                                 adapter=adapter_for(self.model, self.cfg), sampler=sampler)
+        keep_draft_q(rows, sampler, q)
         B = len(rows)
         has = drafts is not None
         if drafts is None:
@@ -91,13 +123,24 @@ class LinearDecoder(Decoder):
         nxt, drafts, has_draft = self.state["nxt"], self.state["drafts"], self.state["has_draft"]
         B = len(rows)
         steps: list[Step] = []
-        K = min(cfg.block_len, max(r.remaining() for r in rows))
+        sampler = self.sampler(rows)
+        starts = [len(r.tokens) for r in rows]  # token index of drafts[:, 0] and of the verifier's slot 0
+        # Rows verifying by rejection always see a full block (their q must not depend on the batch).
+        K = cfg.block_len if sampler.any_rejection else min(cfg.block_len, max(r.remaining() for r in rows))
+        q = None
         if K > 1:
             cur = drafts[:, : K - 1]
+            q = stack_draft_q(rows, sampler, K - 1, c.vocab_size, dtype=probs_dtype(model), device=dev)
             need = ~has_draft  # rows that joined this cycle still hold the drafts of their prefill
             if bool(need.any()):
                 drafted = record(rows, DRAFT, only=need.tolist())
-                fresh = draft_pass(model, cache, nxt, K, adapter=adapter_for(model, cfg))
+                if sampler.any:
+                    fresh, fq = sampled_draft(model, cache, nxt, K, adapter=adapter_for(model, cfg), sampler=sampler,
+                                              starts=starts)
+                    if q is not None:
+                        q = torch.where(need[:, None, None], fq.to(q.dtype), q)
+                else:
+                    fresh = draft_pass(model, cache, nxt, K, adapter=adapter_for(model, cfg))
                 cur = torch.where(need[:, None], fresh, cur)
                 steps.append(Step(DRAFT, [[] if i in drafted else None for i in range(B)], rows))
             cur = apply_override(cfg, cur, rows)
@@ -109,8 +152,13 @@ class LinearDecoder(Decoder):
         positions = clamp_positions(cache.length[:, None] + torch.arange(K, device=dev)[None, :], c.max_seq_len)
         logits = model(canvas, positions, mask=masks.with_prefix(masks.causal(K, device=dev), cache.length, S),
                        cache=cache)
-        ar = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K)
-        n_acc = accept_greedy(cur, ar)  # (B,)
+        if sampler.any:
+            res = sampler.verify(cur, exclude_mask(logits, c.mask_token_id), sampler.uniforms(starts, K), q)
+            ar, n_acc = res.tokens, res.accepted  # ar[:, :n_acc + 1]: accepted drafts, recovered / bonus
+            keep_draft_q(rows, sampler, None)
+        else:
+            ar = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K)
+            n_acc = accept_greedy(cur, ar)  # (B,)
         verified = record(rows, VERIFY)
         out: list[list[int] | None] = [None] * B
         for i in verified:

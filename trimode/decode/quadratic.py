@@ -11,6 +11,12 @@ compacts the heads' K/V into the cache and takes the next drafts from sub-block 
 Improvements over the reference: batched with ragged acceptance; the draft adapter acts on mask
 slots only (heads stay on base weights, so greedy output equals AR even with the adapter); the
 first drafts come from the prefill forward.
+
+Sampling (docs/sampling.md): the heads' logits are the verifier's p; every sub-block's mask slots
+are sampled independently from their processed marginals (token t's draft uniform, shared by every
+sub-block that covers t). The sub-block of the last accepted head is kept with its distributions;
+they depend only on d_0..d_j, all emitted once it is chosen, so `rejection` is valid here too.
+While a row verifies by rejection, cycles use a full block_len.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks
+from ..sampling import U_DRAFT
 from .batch import Decoder
 from .common import (
     PREFILL,
@@ -29,15 +36,19 @@ from .common import (
     apply_override,
     clamp_positions,
     exclude_mask,
+    keep_draft_q,
     pred_slots,
     prefill,
+    probs_dtype,
     record,
+    stack_draft_q,
 )
 from .linear import accept_greedy
 
 
 class QuadraticDecoder(Decoder):
     mode = "quadratic"
+    speculative = True
 
     def scratch(self) -> int:
         k = self.cfg.block_len
@@ -47,8 +58,10 @@ class QuadraticDecoder(Decoder):
         c = self.model.config
         k = self.cfg.block_len
         record(rows, PREFILL)
-        nxt, drafts = prefill(self.model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id,
-                              adapter=adapter_for(self.model, self.cfg))
+        sampler = self.sampler(rows)
+        nxt, drafts, q = prefill(self.model, rows, cache, draft_len=k if k > 1 else 0, mask_id=c.mask_token_id,
+                                 adapter=adapter_for(self.model, self.cfg), sampler=sampler)
+        keep_draft_q(rows, sampler, q)
         if drafts is None:
             drafts = torch.zeros(len(rows), 0, dtype=torch.long, device=self.model.device)
         steps = [Step(PREFILL, [r.emit([int(nxt[i])]) for i, r in enumerate(rows)], rows)]
@@ -60,9 +73,13 @@ class QuadraticDecoder(Decoder):
         dev = model.device
         B = len(rows)
         k = cfg.block_len
-        K = min(k, max(r.remaining() for r in rows))
+        sampler = self.sampler(rows)
+        starts = [len(r.tokens) for r in rows]  # token index of d_1 and of ar[:, 0]
+        # Rows verifying by rejection always see a full block (their q must not depend on the batch).
+        K = k if sampler.any_rejection else min(k, max(r.remaining() for r in rows))
         n = K + 1
         drafts = apply_override(cfg, self.state["drafts"][:, : K - 1], rows)
+        q = stack_draft_q(rows, sampler, K - 1, c.vocab_size, dtype=probs_dtype(model), device=dev)
         heads = torch.cat([self.state["nxt"][:, None], drafts], dim=1)  # (B, K): d_0 .. d_{K-1}
         tokens = torch.full((B, K, n), c.mask_token_id, dtype=torch.long, device=dev)
         tokens[:, :, 0] = heads
@@ -82,10 +99,26 @@ class QuadraticDecoder(Decoder):
         is_mask_slot = (torch.arange(K * n, device=dev) % n > 0)[None, :].expand(B, -1)
         logits = model(tokens, positions, mask=masks.with_prefix(masks.quadratic(K, device=dev), cache.length, S),
                        cache=cache, adapter=adapter_for(model, cfg), adapter_tokens=is_mask_slot, logits_at=want)
-        pred = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K + K(K-1))
-        ar = pred[:, :K]  # ar[:, j]: AR prediction after d_j
-        sub_drafts = pred[:, K:].view(B, K, K - 1)  # sub_drafts[:, j]: drafts after ar[:, j]
-        n_ok = accept_greedy(drafts, ar) + 1  # heads d_0 .. d_{n_ok-1} are correct
+        logits = exclude_mask(logits, c.mask_token_id)
+        sub_q = None
+        if sampler.any:
+            # Uniforms of tokens starts .. starts + 2K - 2: verify slots j (token starts + j) and
+            # sub-block j's draft i (token starts + j + 1 + i).
+            u = sampler.uniforms(starts, 2 * K - 1)
+            res = sampler.verify(drafts, logits[:, :K], u[:, :K], q)
+            ar = res.tokens  # ar[:, :n_ok]: accepted drafts, then the recovered / bonus token
+            n_ok = res.accepted + 1
+            if K > 1:
+                tok_idx = j[:, None] + 1 + torch.arange(K - 1, device=dev)[None, :]  # (K, K-1)
+                sub_drafts, sub_q = sampler.choose(logits[:, K:].view(B, K, K - 1, -1), u[:, tok_idx, U_DRAFT],
+                                                   want_probs=sampler.any_rejection)
+            else:
+                sub_drafts = drafts.new_zeros(B, K, 0)
+        else:
+            pred = logits.argmax(-1)  # (B, K + K(K-1))
+            ar = pred[:, :K]  # ar[:, j]: AR prediction after d_j
+            sub_drafts = pred[:, K:].view(B, K, K - 1)  # sub_drafts[:, j]: drafts after ar[:, j]
+            n_ok = accept_greedy(drafts, ar) + 1  # heads d_0 .. d_{n_ok-1} are correct
         stepped = record(rows, QUADRATIC)
         out: list[list[int] | None] = [None] * B
         for i in stepped:
@@ -95,6 +128,11 @@ class QuadraticDecoder(Decoder):
         last = (n_ok - 1)[:, None]
         self.state["nxt"] = ar.gather(1, last).squeeze(1)
         nxt_drafts = sub_drafts.gather(1, last[:, :, None].expand(B, 1, K - 1)).squeeze(1)
+        if sub_q is not None:
+            V = sub_q.shape[-1]
+            keep_draft_q(rows, sampler, sub_q.gather(1, last[:, :, None, None].expand(B, 1, K - 1, V)).squeeze(1))
+        else:
+            keep_draft_q(rows, sampler, None)
         # Keep the state k - 1 wide (rows joining later carry k - 1 drafts); the padding is never
         # accepted unless it happens to be right, and acceptance is checked anyway.
         self.state["drafts"] = torch.cat([nxt_drafts, nxt_drafts.new_zeros(B, (k - 1) - (K - 1))], dim=1)
