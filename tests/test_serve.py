@@ -245,7 +245,8 @@ def test_bad_chat_requests(client, body, param):
 
 @pytest.mark.parametrize("raw", [b"{", b"not json", b"[1, 2]", b'"x"', b"null", b'{"prompt": "\xff\xfe"}',
                                  b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", b"[" * 100000,
-                                 b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "max_tokens": 1e400}'])
+                                 b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "max_tokens": 1e400}',
+                                 b'{"prompt": "\\ud800"}', b'{"prompt": "x", "stop": "\\udfff"}'])
 def test_malformed_bodies(client, raw):
     assert_error(client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400)
 

@@ -182,11 +182,19 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
             chunks.append(chunk)
         body = b"".join(chunks)
         try:
-            return json.loads(body.decode("utf-8"))
+            data = json.loads(body.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise APIError(400, f"the request body is not valid UTF-8: {e}") from None
         except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integer literals, deep nesting
             raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+        try:  # "\ud800" escapes decode to lone surrogates, which are not text: refuse them here, once
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is "
+                                "not valid Unicode text") from None
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+        return data
 
     def check_model(req: schemas._Common) -> None:
         if req.model is not None and req.model != s.model_name:
