@@ -138,7 +138,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(text)
     block_len = model.config.block_len if args.block_len is None else args.block_len
     mode, cfg, rows = prepare(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens,
-                              block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id)
+                              block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              seed=args.seed, acceptance=args.acceptance)
     stream = tok.stream()
     t0 = time.perf_counter()
     for step in run(model, mode, cfg, rows):  # print text as each forward finalises it
@@ -152,10 +154,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({"text": out, "tokens": g.tokens, "finish_reason": g.finish_reason, "seconds": dt,
                           "tokens_per_s": len(g.tokens) / dt, "block_len": block_len,
                           **{k: st[k] for k in ("mode", "nfe", "nfe_decode", "tpf", "tpf_decode", "forwards",
-                                                "mean_acceptance")}}))
+                                                "mean_acceptance", "temperature", "seed", "acceptance_rule")}}))
         return 0
     print(stream.flush())
     acc = f", mean acceptance {st['mean_acceptance']:.2f}" if st["mean_acceptance"] else ""
+    if st["seed"] is not None:
+        rule = f", {st['acceptance_rule']} acceptance" if st["acceptance_rule"] else ""
+        acc += f", temperature {st['temperature']:g}, seed {st['seed']}{rule}"
     print(f"\n[{args.mode}] {len(g.tokens)} tokens, {st['nfe']} forwards ({st['tpf']:.2f} tokens/forward, "
           f"{st['tpf_decode']:.2f} without prefill){acc}, {len(g.tokens) / dt:.1f} tokens/s, "
           f"finish: {g.finish_reason}", file=sys.stderr)
@@ -182,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--block-len", type=int, default=None, help="default: the model's block_len")
     g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; see docs/sampling.md")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0: off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, printed)")
+    g.add_argument("--acceptance", default="auto", choices=["auto", "match", "rejection"],
+                   help="speculative modes at temperature > 0: rejection sampling where valid (auto), or "
+                        "verify-by-sampling (match)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: as stored)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true")
