@@ -411,3 +411,23 @@ def test_read_crossover(tmp_path):
         (tmp_path / "serving.json").write_text(bad)
         with pytest.raises(ValueError):
             read_crossover(tmp_path)
+
+
+def test_decoder_failure_is_contained(monkeypatch):
+    """A decoder that raises answers its requests with a 500 (a bug, not the client's fault); other decoders
+    and the worker carry on."""
+    from trimode.serve import fake
+
+    cycle = fake.FakeDecoder.cycle
+
+    def failing(self):
+        if self.mode == "quadratic":
+            raise RuntimeError("boom")
+        return cycle(self)
+
+    monkeypatch.setattr(fake.FakeDecoder, "cycle", failing)
+    with make_client() as c:
+        err = assert_error(c.post("/v1/completions", json={"prompt": "x", "decoding": {"mode": "quadratic"}}), 500)
+        assert err["type"] == "server_error" and err["code"] == "decoder_error"
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+        assert c.get("/health").json()["status"] == "ok" and c.engine.errors == 1

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 import trimode.decode  # noqa: E402
@@ -31,7 +32,12 @@ TEXTS = ["def fibonacci(n):", "import os\n\n\ndef list_files(path):", "class Sta
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(BUNDLED)
+    # One intra-op thread: the engine thread and the test's threads share two cores, and a tiny model gains
+    # nothing from more (on an oversubscribed machine two spinning threads run ten times slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_model(BUNDLED)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 empty messages, unknown roles, invalid UTF-8, oversized bodies. Every malformed request is a 4xx in the
 OpenAI error shape, nothing is ever a 5xx, and the server stays healthy.
 
-Examples per test: TRIMODE_FUZZ_EXAMPLES (default 40 in CI). docs/serving.md records a run with
+Examples per test: TRIMODE_FUZZ_EXAMPLES (default 25 in CI). docs/serving.md records a run with
 TRIMODE_FUZZ_EXAMPLES=1000 (thousands of requests).
 """
 
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_serve import make_client  # noqa: E402
 
-EXAMPLES = int(os.environ.get("TRIMODE_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("TRIMODE_FUZZ_EXAMPLES", "25"))
 settings.register_profile("serve-fuzz", max_examples=EXAMPLES, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FUZZ = settings.get_profile("serve-fuzz")

@@ -271,6 +271,9 @@ class Engine:
             self._crash(key, jobs, e)
 
     def _crash(self, key: tuple, jobs: list[Job], e: Exception) -> None:
+        """A decoder raised: its state is suspect, so it goes, and every request in it gets an error."""
+        jobs = {id(j): j for j in jobs + [j for j in self._running.values() if j.key == key]}.values()
+        jobs = [j for j in jobs if not j.finished]
         log.exception("decoder %s failed; its %d requests are answered with errors", key, len(jobs))
         self.errors += 1
         self._decoders.pop(key, None)
