@@ -84,6 +84,9 @@ def test_config_errors(tmp_path):
         build_config(None, {"no_such_key": "1"})
     with pytest.raises(ValueError, match="cannot convert"):
         build_config(None, {"steps": "many"})
+    with pytest.raises(ValueError, match="dist must be 'ddp' or 'fsdp2'"):
+        build_config(None, {"dist": "fsdp"})
+    assert build_config(None, {"dist": "fsdp2"}).dist == "fsdp2"
     assert build_config(None, parse_overrides(["--block-lens", "4,8", "--bf16", "false"])).block_lens == (4, 8)
     p = tmp_path / "c.toml"
     p.write_text('[optim]\nsteps = 7\n[data]\ndata = ["x"]\n')
@@ -132,3 +135,142 @@ def test_full_disk_never_leaves_a_broken_latest(tmp_path, monkeypatch):
     assert C.latest_checkpoint(cfg.out_dir) == good
     leftovers = [p for p in os.listdir(C.checkpoint_root(cfg.out_dir)) if p.startswith(".tmp")]
     assert leftovers == []
+
+
+def test_unreadable_corpus_file(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    locked = corpus / "mod2.py"
+    real = Path.read_text
+
+    def read_text(self, *a, **k):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(ValueError, match="cannot read corpus file .*mod2.py.*Permission denied"):
+        train(tiny_cfg(tmp_path), log=lambda *_: None)
+
+
+def test_init_or_resume_with_another_architecture(tmp_path):
+    """--init with a non-trimode dir, with weights that do not fit their config, with a vocabulary
+    smaller than the tokenizer; --resume after changing the preset: each a ValueError, nothing trained."""
+    from trimode.config import ModelConfig
+    from trimode.model import Transformer
+
+    tok = Path(__file__).resolve().parents[1] / "trimode" / "assets" / "bundled"  # 4096 tokens, has <|mask|>
+
+    def init_run(name: str, init: Path):
+        return tiny_cfg(tmp_path, out_dir=str(tmp_path / name), init=str(init), tokenizer=str(tok), preset="micro")
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (llama / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a trimode checkpoint"):
+        train(init_run("r1", llama), log=lambda *_: None)
+
+    mc = ModelConfig(vocab_size=4200, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, max_seq_len=256, mask_token_id=3)
+    other = tmp_path / "other"
+    C.save_native(Transformer(mc), other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))  # weights say 128
+    with pytest.raises(ValueError, match="does not match its config: .*mlp.*shape"):
+        train(init_run("r2", other), log=lambda *_: None)
+
+    small = tmp_path / "small_vocab"
+    C.save_native(Transformer(mc.replace(vocab_size=300)), small)
+    with pytest.raises(ValueError, match="tokenizer has .* tokens but the --init model's vocabulary is 300"):
+        train(init_run("r3", small), log=lambda *_: None)
+
+    cfg = tiny_cfg(tmp_path, steps=2, stop_after=1, eval_every=100)
+    train(cfg, log=lambda *_: None)
+    before = C.latest_checkpoint(cfg.out_dir)
+    with pytest.raises(ValueError, match="another architecture"):
+        train(cfg.replace(preset="tiny", resume=True, stop_after=None), log=lambda *_: None)
+    assert C.latest_checkpoint(cfg.out_dir) == before
+
+
+def _assert_intact(out_dir: str, good: Path) -> None:
+    """`latest` still names the previous complete checkpoint, it loads, and no temporary file is left."""
+    import trimode
+
+    assert C.latest_checkpoint(out_dir) == good
+    trimode.load_model(good)
+    assert torch.load(good / "train_state.pt", weights_only=False)["step"] == int(good.name.split("_")[1])
+    root = C.checkpoint_root(out_dir)
+    assert [p for p in os.listdir(root) if p.startswith(".")] == []
+    assert sorted(p for p in os.listdir(root) if p.startswith("step_")) == [good.name]
+
+
+def test_full_disk_while_writing_the_weights(tmp_path, monkeypatch, capsys):
+    """ENOSPC half-way through model.safetensors, as an OSError and as the SafetensorError safetensors
+    really raises for it (measured on a full tmpfs); then through the command line (exit status 1)."""
+    import errno
+
+    import safetensors
+    import safetensors.torch
+
+    cfg = tiny_cfg(tmp_path, steps=4, save_every=2, eval_every=100)
+    train(cfg.replace(stop_after=2), log=lambda *_: None)
+    good = C.latest_checkpoint(cfg.out_dir)
+    real_message = "Error while serializing: I/O error: No space left on device (os error 28)"
+    for error in (OSError(errno.ENOSPC, "No space left on device"), safetensors.SafetensorError(real_message)):
+
+        def half_written(tensors, filename, metadata=None, error=error):
+            Path(filename).write_bytes(b"\0" * 1000)  # some bytes reached the disk, then it filled up
+            raise error
+
+        monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+        with pytest.raises(C.CheckpointError, match="step_00000004.*No space left"):
+            train(cfg.replace(resume=True), log=lambda *_: None)
+        _assert_intact(cfg.out_dir, good)
+    args = ["--data", cfg.data[0], "--out_dir", cfg.out_dir, "--resume", "--preset", "micro", "--vocab_size", "300",
+            "--seq_len", "32", "--batch_size", "8", "--micro_batch_size", "4", "--steps", "4", "--lr", "3e-3",
+            "--min_lr", "3e-4", "--warmup_steps", "2", "--block_lens", "4,8", "--val_fraction", "0.2",
+            "--save_every", "2", "--eval_every", "100", "--eval_batches", "2", "--log_every", "1",
+            "--progress", "false", "--bf16", "false"]
+    assert train_main(args) == 1
+    assert "could not write checkpoint" in capsys.readouterr().err
+    _assert_intact(cfg.out_dir, good)
+
+
+def test_full_disk_while_moving_the_latest_pointer(tmp_path, monkeypatch):
+    """ENOSPC while writing the new `latest` pointer: the old pointer stays, its temp file is removed."""
+    import builtins
+    import errno
+
+    cfg = tiny_cfg(tmp_path, steps=4, save_every=2, eval_every=100)
+    train(cfg.replace(stop_after=2), log=lambda *_: None)
+    good = C.latest_checkpoint(cfg.out_dir)
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(path, mode="r", *a, **k):
+        f = builtins.open(path, mode, *a, **k)
+        return Full(f) if Path(path).name.startswith(f".{C.LATEST}.tmp") else f
+
+    monkeypatch.setattr(C, "open", fake_open, raising=False)
+    with pytest.raises(C.CheckpointError, match="No space left"):
+        train(cfg.replace(resume=True), log=lambda *_: None)
+    assert C.latest_checkpoint(cfg.out_dir) == good
+    root = C.checkpoint_root(cfg.out_dir)
+    assert [p for p in os.listdir(root) if p.startswith(".")] == []
+    # The new step directory is complete (it was renamed into place before the pointer write) but
+    # not `latest`; resuming continues from the good one.
+    monkeypatch.undo()
+    train(cfg.replace(resume=True), log=lambda *_: None)
+    assert C.latest_checkpoint(cfg.out_dir).name == "step_00000004"

@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = True
     threads: int | None = None
+    dist: str = "ddp"  # with WORLD_SIZE > 1 (torchrun): ddp (DistributedDataParallel) | fsdp2 (fully_shard)
     # -- objective -----------------------------------------------------------------------------------
     alpha: float = 0.3
     eps: float = 1e-3
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.noise not in ("uniform", "exp"):
             raise ValueError(f"noise must be 'uniform' or 'exp', got {self.noise!r}")
+        if self.dist not in ("ddp", "fsdp2"):
+            raise ValueError(f"dist must be 'ddp' or 'fsdp2', got {self.dist!r}")
         if self.dlm_type not in ("llada", "dream"):
             raise ValueError(f"dlm_type must be 'llada' or 'dream', got {self.dlm_type!r}")
         if not self.block_lens or any(b < 1 for b in self.block_lens):

@@ -1,9 +1,14 @@
-"""The trainer: joint AR + diffusion objective, AdamW, schedules, accumulation, DDP, resumable.
+"""The trainer: joint AR + diffusion objective, AdamW, schedules, accumulation, DDP / FSDP2, resumable.
 
 Which samples a step sees, and the noise and block length of each, depend only on (seed, global
 sample index), so a run gives the same losses with 1 or N ranks and after a resume. Ranks split each
 global batch into contiguous micro-batches; the loss sums and token counts are all-reduced before
 dividing (global loss averaging), so the gradient is that of the whole global batch.
+
+Under torchrun (WORLD_SIZE > 1, gloo) `cfg.dist` picks DistributedDataParallel ("ddp") or FSDP2
+("fsdp2": `fully_shard` on every block and the root, parameters / gradients / AdamW state sharded
+over ranks). Checkpoints are full state dicts either way, so a run can resume under the other mode
+or another world size.
 """
 
 from __future__ import annotations
@@ -88,13 +93,94 @@ def build_model(cfg: TrainConfig, ds: Dataset) -> Transformer:
     return init_weights(Transformer(mc), seed=cfg.seed)
 
 
+def _param_groups(model: torch.nn.Module) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """(decay, no_decay) lists of (name, parameter): matrices get weight decay, vectors do not."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]
+
+
+def optimizer_param_names(model: torch.nn.Module) -> list[str]:
+    """Parameter names in the optimizer's order: entry i is parameter id i of `opt.state_dict()`."""
+    decay, no_decay = _param_groups(model)
+    return [n for n, _ in decay + no_decay]
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    decay, no_decay = _param_groups(model)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+         {"params": [p for _, p in no_decay], "weight_decay": 0.0}],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
     )
+
+
+def fsdp2_shard(model: Transformer, world: int) -> Transformer:
+    """Shard `model` in place with FSDP2 over a 1-D CPU mesh of `world` ranks: each block is its own
+    unit (all-gathered for its forward / backward, resharded after), the root holds the embedding,
+    the final norm and the head."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # pragma: no cover - torch < 2.6
+        raise ValueError(f"dist = 'fsdp2' needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") from None
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _indexed_to_named(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """`opt.state_dict()` layout (integer parameter ids) -> the FQN layout of torch.distributed.checkpoint."""
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def _named_to_indexed(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    idx = {n: i for i, n in enumerate(names)}
+    return {"state": {idx[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [idx[n] for n in g["params"]]} for g in sd["param_groups"]]}
+
+
+def full_states(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, *, fsdp: bool, names: list[str]
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(full model state dict or None = read the model directly, full optimizer state dict).
+
+    Under FSDP2 both are gathered from the shards (a collective: every rank must call it); only
+    rank 0 gets them (the others get empty dicts). The optimizer state always comes back in
+    `opt.state_dict()` layout, so checkpoints do not depend on the parallelism mode.
+    """
+    if not fsdp:
+        return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=o)
+    if not opt.state:  # before the first step (e.g. Ctrl-C at once): nothing sharded to gather, and
+        return msd, opt.state_dict()  # get_optimizer_state_dict would initialise the state with a step
+    osd = get_optimizer_state_dict(model, opt, options=o)
+    return msd, (_named_to_indexed(osd, names) if osd else {})
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any], *, fsdp: bool, names: list[str]
+) -> None:
+    """Load a full optimizer state dict (`opt.state_dict()` layout) into `opt`, sharding it under FSDP2."""
+    if len(sd["param_groups"]) != len(opt.param_groups) or sum(len(g["params"]) for g in sd["param_groups"]) != len(
+        names
+    ):
+        raise ValueError("the checkpoint's optimizer state does not match this model's parameters")
+    if not fsdp or not sd["state"]:
+        opt.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, _indexed_to_named(sd, names), options=StateDictOptions(full_state_dict=True))
 
 
 def _autocast(cfg: TrainConfig):
@@ -150,6 +236,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     if distributed and not dist.is_initialized():
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
+    fsdp = distributed and cfg.dist == "fsdp2"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     per_step = world * cfg.micro_batch_size
@@ -171,30 +258,47 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         ds = build_dataset(cfg, log=log)
 
     model = build_model(cfg, ds)
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
     start = 0
     log_path = out / "log.jsonl"
+    st = None
     if cfg.resume and (ck := C.latest_checkpoint(out)) is not None:
-        resumed = C.load_native(ck)
-        model.load_state_dict(resumed.state_dict())
+        # Full weights go into the unsharded model; FSDP2 shards them below.
+        resumed = C.load_native(ck).state_dict()
+        ours = model.state_dict()
+        diff = [k for k in ours if k not in resumed or resumed[k].shape != ours[k].shape]
+        if diff or set(resumed) - set(ours):
+            raise ValueError(
+                f"the checkpoint {str(ck)!r} holds another architecture than this config builds (first difference: "
+                f"{(diff or sorted(set(resumed) - set(ours)))[0]}); resume with the config it was written with"
+            )
+        model.load_state_dict(resumed)
         st = torch.load(ck / "train_state.pt", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"])
         start = int(st["step"])
         if rank == 0 and log_path.exists():  # drop records after the checkpoint: the log stays exact
             keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
             log_path.write_text("".join(k + "\n" for k in keep))
         if rank == 0:
-            log(f"resumed from {ck} at step {start}")
+            log(f"resumed from {ck} at step {start} (written with {st.get('world_size', 1)} rank(s), "
+                f"dist {st.get('dist', 'ddp')})")
     elif rank == 0 and log_path.exists():
         log_path.unlink()
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     n_params = sum(p.numel() for p in model.parameters())
+    names = optimizer_param_names(model)
+    if fsdp:
+        net = fsdp2_shard(model, world)
+    elif distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        net = model
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
+    if st is not None:
+        load_optimizer_state(model, opt, st["optimizer"], fsdp=fsdp, names=names)
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
     if rank == 0:
         log(f"model {n_params / 1e6:.2f}M params; {ds.train_tokens.shape[0]} train rows x {cfg.seq_len}; "
-            f"world {world}, accum {accum}")
+            f"world {world}{f' ({cfg.dist})' if distributed else ''}, accum {accum}")
 
     order = Order(ds.train_tokens.shape[0], cfg.seed)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
@@ -206,12 +310,26 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     last: dict[str, Any] = {}
 
     def checkpoint(step: int) -> None:
+        # Every rank takes part in gathering the full state (FSDP2); rank 0 writes it and tells the
+        # others whether that worked, so a failed write (full disk) stops every rank, none hangs.
+        msd, osd = full_states(net, opt, fsdp=fsdp, names=names)
+        err: BaseException | None = None
         if rank == 0:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                     "rng": torch.get_rng_state(), "train_config": cfg.to_dict(), "world_size": world}
-            C.save_checkpoint(out, step, model, state, tokenizer_dir=ds.tokenizer_dir, keep=cfg.keep_checkpoints)
+            state = {"optimizer": osd, "scheduler": sched.state_dict(), "step": step,
+                     "rng": torch.get_rng_state(), "train_config": cfg.to_dict(), "world_size": world,
+                     "dist": cfg.dist if distributed else "none"}
+            try:
+                C.save_checkpoint(out, step, model, state, tokenizer_dir=ds.tokenizer_dir,
+                                  keep=cfg.keep_checkpoints, model_state_dict=msd)
+            except BaseException as e:  # re-raised below, after the other ranks are told
+                err = e
         if distributed:
-            dist.barrier()
+            failed = torch.tensor([0 if err is None else 1])
+            dist.broadcast(failed, 0)
+            if failed.item() and rank != 0:
+                raise C.CheckpointError(f"rank 0 could not write the checkpoint of step {step} (see its error)")
+        if err is not None:
+            raise err
 
     def write_log(rec: dict[str, Any]) -> None:
         if rank == 0:
@@ -219,10 +337,13 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
                 f.write(json.dumps(rec) + "\n")
 
     step = start
-    if start == 0 and rank == 0 and cfg.eval_at_start:
+    # FSDP2 forwards are collectives, so under FSDP2 every rank evaluates (the same rows); rank 0 logs.
+    evaluates = rank == 0 or fsdp
+    eval_net = net if fsdp else model  # a DDP wrapper's forward would sync buffers with idle ranks
+    if start == 0 and evaluates and cfg.eval_at_start:
         model.eval()
-        ev = evaluate(model, ds, cfg)
-        if ev:
+        ev = evaluate(eval_net, ds, cfg)
+        if ev and rank == 0:
             write_log({"step": 0, **ev})
             log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     if distributed:
@@ -251,16 +372,28 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
             sums = torch.zeros(2, dtype=torch.float64)
             model.train()
             for k, (rows, x0, lm) in enumerate(micro):
-                sync = contextlib.nullcontext() if (not distributed or k == accum - 1) else ddp.no_sync()
+                last_micro = k == accum - 1
+                sync = contextlib.nullcontext()
+                if fsdp:
+                    # Accumulate unsharded gradients locally; reduce-scatter and reshard only after the
+                    # last micro-batch (no all-gather between micro-batches).
+                    net.set_requires_gradient_sync(last_micro)
+                    net.set_reshard_after_backward(last_micro)
+                elif distributed and not last_micro:
+                    sync = net.no_sync()
                 with sync:
-                    a_s, _, d_s, _ = micro_losses(ddp, x0, lm, rows, cfg=cfg, mask_id=ds.mask_id, joint=joint,
+                    a_s, _, d_s, _ = micro_losses(net, x0, lm, rows, cfg=cfg, mask_id=ds.mask_id, joint=joint,
                                                   noise_seed=cfg.seed)
                     loss = (a_s / ar_n + (cfg.alpha * d_s / diff_n if joint else 0.0)) * world
                     loss.backward()
                 sums += torch.tensor([float(a_s.detach()), float(d_s.detach())], dtype=torch.float64)
             if distributed:
                 dist.all_reduce(sums)
+            # Under FSDP2 the gradients are DTensor shards: clip_grad_norm_ reduces the squared norms
+            # over ranks (total norm of the full gradient) and returns a replicated DTensor.
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if hasattr(gnorm, "full_tensor"):
+                gnorm = gnorm.full_tensor()
             lr = opt.param_groups[0]["lr"]
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -280,10 +413,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
                 t_last, tok_since = now, 0
                 write_log(last)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                if rank == 0:
+                if evaluates:
                     model.eval()
-                    ev = evaluate(model, ds, cfg)
-                    if ev:
+                    ev = evaluate(eval_net, ds, cfg)
+                    if ev and rank == 0:
                         write_log({"step": step, **ev})
                         last.update(ev)
                         if bar is not None:
