@@ -260,14 +260,14 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
                 raise APIError(400, f"prompt token ids must lie in [0, {s.vocab_size}), got {bad[:5]}",
                                param="prompt")
             return p
-        if len(p) > 8 * s.prompt_limit + 64:  # cheaper than tokenizing a megabyte to say no
+        if len(p) > 32 * s.prompt_limit + 64:  # cheaper than tokenizing a megabyte to say no
             raise APIError(400, f"the prompt has {len(p)} characters, far more than the limit of "
                                 f"{s.prompt_limit} tokens", param="prompt", code="context_length_exceeded")
         return tokenizer.encode(p)
 
     def encode_chat(req: schemas.ChatRequest) -> list[int]:
         messages = req.chat_messages()
-        if sum(len(m["content"]) for m in messages) > 8 * s.prompt_limit + 64:
+        if sum(len(m["content"]) for m in messages) > 32 * s.prompt_limit + 64:
             raise APIError(400, f"the messages are far longer than the limit of {s.prompt_limit} tokens",
                            param="messages", code="context_length_exceeded")
         try:
@@ -301,9 +301,9 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
         engine.submit(job)  # APIError 429 when the queue is full
         return req, job, queue
 
-    async def events(request: Request, job: Job, queue: asyncio.Queue, *, watch: bool) -> AsyncIterator[tuple]:
+    async def events(request: Request, job: Job, queue: asyncio.Queue, *, watch: bool,
+                     deadline: float) -> AsyncIterator[tuple]:
         """The job's events until done / error; cancels the job on timeout, disconnect or exit."""
-        deadline = time.monotonic() + s.request_timeout
         gone = asyncio.ensure_future(request.receive()) if watch else None
         try:
             while True:
@@ -335,18 +335,19 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
                 engine.cancel(job)
 
     async def complete(request: Request, chat: bool) -> Response:
+        deadline = time.monotonic() + s.request_timeout  # from arrival: queueing counts
         req, job, queue = await prepare(request, schemas.ChatRequest if chat else schemas.CompletionRequest, chat)
         rid = schemas.new_id("chatcmpl" if chat else "cmpl")
         created = schemas.now()
         name = s.model_name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(request, job, queue, rid, created, name, chat, include_usage),
+            return StreamingResponse(stream(request, job, queue, rid, created, name, chat, include_usage, deadline),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts: list[str] = []
         info = None
-        async for ev in events(request, job, queue, watch=True):
+        async for ev in events(request, job, queue, watch=True, deadline=deadline):
             if ev[0] == "decoding":
                 info = ev[1]
             elif ev[0] == "text":
@@ -358,7 +359,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
                 return JSONResponse(build(rid, name, created, "".join(parts), _finish(ev[1]), ev[2], info))
         return Response(status_code=499)  # the client went away
 
-    async def stream(request, job, queue, rid, created, name, chat, include_usage) -> AsyncIterator[bytes]:
+    async def stream(request, job, queue, rid, created, name, chat, include_usage, deadline) -> AsyncIterator[bytes]:
         def sse(obj: dict) -> bytes:
             return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -366,7 +367,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
             yield sse(schemas.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, None))
         info = None
         try:
-            async for ev in events(request, job, queue, watch=False):
+            async for ev in events(request, job, queue, watch=False, deadline=deadline):
                 if ev[0] == "decoding":
                     info = ev[1]
                 elif ev[0] == "text":
