@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -80,6 +80,7 @@ class PeerResult:
     tokens: int
     seconds: float
     outputs: dict[str, list[int]]
+    per_prompt: dict[str, float] = field(default_factory=dict)  # seconds per prompt source
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,7 +103,7 @@ def hf_generate(hf: torch.nn.Module, prompts: Sequence[Prompt], *, max_new_token
                 "temperature": None, "top_p": None, "top_k": None}
     if lookup:
         kw["prompt_lookup_num_tokens"] = lookup
-    total, seconds, outs = 0, 0.0, {}
+    total, seconds, outs, per = 0, 0.0, {}, {}
     stop = {eos_id} if eos_id is not None else set()
     for p in prompts:
         x = torch.tensor([list(p.tokens)], device=dev)
@@ -111,8 +112,17 @@ def hf_generate(hf: torch.nn.Module, prompts: Sequence[Prompt], *, max_new_token
         with torch.inference_mode():
             y = hf.generate(x, attention_mask=torch.ones_like(x), **kw)
         synchronize(dev)
-        seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        seconds += dt
+        per[p.source] = dt
         new = _strip(y[0, x.shape[1]:].tolist(), stop)
         outs[p.source] = new
         total += len(new)
-    return PeerResult(name, total, seconds, outs)
+    return PeerResult(name, total, seconds, outs, per)
+
+
+def fastest_peer(results: Sequence[PeerResult]) -> PeerResult:
+    """Merge repeats prompt by prompt, keeping each prompt's fastest run (as `runner.fastest`)."""
+    first = results[0]
+    per = {s: min(r.per_prompt[s] for r in results) for s in first.per_prompt}
+    return PeerResult(first.name, first.tokens, sum(per.values()), first.outputs, per)

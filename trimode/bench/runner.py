@@ -69,6 +69,31 @@ class RunResult:
     seconds: float = 0.0
     by_category_seconds: dict[str, float] = field(default_factory=dict)
     by_category_calls: dict[str, list[Call]] = field(default_factory=dict)
+    # One (category, rows, calls, seconds) per batch, in order: lets repeats be merged batch by batch.
+    batches: list[tuple[str, list[RowResult], list[Call], float]] = field(default_factory=list)
+
+    def add(self, cat: str, rows: list[RowResult], calls: list[Call], seconds: float) -> None:
+        self.rows.extend(rows)
+        self.calls.extend(calls)
+        self.seconds += seconds
+        self.by_category_seconds[cat] = self.by_category_seconds.get(cat, 0.0) + seconds
+        self.by_category_calls.setdefault(cat, []).extend(calls)
+        self.batches.append((cat, rows, calls, seconds))
+
+
+def fastest(results: Sequence[RunResult]) -> RunResult:
+    """Merge repeats of one configuration batch by batch, keeping each batch's fastest run (the
+    counters and outputs of every repeat are identical; checked). On a shared machine the load
+    drifts over seconds: the minimum per batch is the least disturbed measurement of each."""
+    first = results[0]
+    out = RunResult(first.config)
+    for i, (cat, rows, _, _) in enumerate(first.batches):
+        for r in results[1:]:
+            if [x.tokens for x in r.batches[i][1]] != [x.tokens for x in rows]:
+                raise RuntimeError(f"{first.config.label}: outputs differ between repeats")
+        best = min((r.batches[i] for r in results), key=lambda b: b[3])
+        out.add(cat, *best[1:])
+    return out
 
 
 def oracle_policy(reference: Sequence[Sequence[int]]):
@@ -159,19 +184,11 @@ def run_config(
     timed = TimedModel(model)
     res = RunResult(config)
     for cat, prompts in suites.items():
-        cat_s = 0.0
-        cat_calls: list[Call] = []
         for batch in batches(prompts, batch_size):
             ref = [reference[p.source] for p in batch] if reference is not None else None
             rows, calls, s = decode_batch(timed, batch, config, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                           reference=ref)
-            res.rows.extend(rows)
-            cat_calls.extend(calls)
-            cat_s += s
-        res.calls.extend(cat_calls)
-        res.seconds += cat_s
-        res.by_category_seconds[cat] = cat_s
-        res.by_category_calls[cat] = cat_calls
+            res.add(cat, rows, calls, s)
     return res
 
 
