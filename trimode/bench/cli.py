@@ -298,7 +298,8 @@ def print_report(args, out: dict, configs) -> None:
                  f"{_fmt(r.get('agreement_with_ar'), '.2f'):>5}")
         print(line)
     for name, p in peers.items():
-        print(f"{name:<24} {p['tokens']:>6} {'':>5} {'':>5} {'':>7} {'':>6} {p['tokens_per_s']:>7.1f} "
+        print(f"{name:<24} {p['tokens']:>6} {p['forwards']:>5} {_fmt(p['tpf']):>5} {'':>7} {'':>6} "
+              f"{p['tokens_per_s']:>7.1f} "
               f"{p['tokens_per_s'] / ar['tokens_per_s']:>6.2f}   identical to our ar: {p['identical_to_ar']:.2f}")
     if "logits_max_abs_diff" in out.get("peer_check", {}):
         print(f"(transformers model built from our weights: max |logits diff| = "
@@ -407,6 +408,7 @@ def cmd_model(args: argparse.Namespace) -> int:
             for cfg in configs]
     ar_tps = runs[0]["tokens_per_s"]
     peers = [{"name": n, "tokens": p.tokens, "seconds": p.seconds, "tokens_per_s": p.tokens_per_s,
+              "forwards": p.forwards, "tpf": p.tokens / p.forwards if p.forwards else None,
               "identical_to_ar": sum(p.outputs[s] == reference[s] for s in reference) / len(reference)}
              for n, p in peers_best.items()]
     for r in runs:

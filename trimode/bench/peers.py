@@ -81,6 +81,7 @@ class PeerResult:
     seconds: float
     outputs: dict[str, list[int]]
     per_prompt: dict[str, float] = field(default_factory=dict)  # seconds per prompt source
+    forwards: int = 0  # model forwards, counted by a hook (prefill included)
 
     @property
     def tokens_per_s(self) -> float:
@@ -103,26 +104,33 @@ def hf_generate(hf: torch.nn.Module, prompts: Sequence[Prompt], *, max_new_token
                 "temperature": None, "top_p": None, "top_k": None}
     if lookup:
         kw["prompt_lookup_num_tokens"] = lookup
-    total, seconds, outs, per = 0, 0.0, {}, {}
+    outs: dict[str, list[int]] = {}
+    per: dict[str, float] = {}
     stop = {eos_id} if eos_id is not None else set()
-    for p in prompts:
-        x = torch.tensor([list(p.tokens)], device=dev)
-        synchronize(dev)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            y = hf.generate(x, attention_mask=torch.ones_like(x), **kw)
-        synchronize(dev)
-        dt = time.perf_counter() - t0
-        seconds += dt
-        per[p.source] = dt
-        new = _strip(y[0, x.shape[1]:].tolist(), stop)
-        outs[p.source] = new
-        total += len(new)
-    return PeerResult(name, total, seconds, outs, per)
+    count = [0]
+    hook = hf.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        for p in prompts:
+            _one(hf, p, kw, dev, stop, outs, per)
+    finally:
+        hook.remove()
+    total = sum(len(outs[p.source]) for p in prompts)
+    return PeerResult(name, total, sum(per.values()), outs, per, count[0])
+
+
+def _one(hf, p: Prompt, kw: dict, dev, stop: set[int], outs: dict, per: dict) -> None:
+    x = torch.tensor([list(p.tokens)], device=dev)
+    synchronize(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        y = hf.generate(x, attention_mask=torch.ones_like(x), **kw)
+    synchronize(dev)
+    per[p.source] = time.perf_counter() - t0
+    outs[p.source] = _strip(y[0, x.shape[1]:].tolist(), stop)
 
 
 def fastest_peer(results: Sequence[PeerResult]) -> PeerResult:
     """Merge repeats prompt by prompt, keeping each prompt's fastest run (as `runner.fastest`)."""
     first = results[0]
     per = {s: min(r.per_prompt[s] for r in results) for s in first.per_prompt}
-    return PeerResult(first.name, first.tokens, sum(per.values()), first.outputs, per)
+    return PeerResult(first.name, first.tokens, sum(per.values()), first.outputs, per, first.forwards)
