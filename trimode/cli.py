@@ -137,8 +137,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     ids = tok.encode(text)
     block_len = model.config.block_len if args.block_len is None else args.block_len
+    policy = None
+    if args.policy == "learned":  # issue 7: the trained unmasking sampler (trimode train-sampler)
+        from .decode.learned import LearnedPolicy, load_sampler
+
+        policy = LearnedPolicy(load_sampler(args.sampler or path / "sampler"), args.threshold)
     mode, cfg, rows = prepare(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens,
-                              block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id,
+                              block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               seed=args.seed, acceptance=args.acceptance)
     stream = tok.stream()
@@ -187,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--block-len", type=int, default=None, help="default: the model's block_len")
     g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--policy", default="threshold", choices=["threshold", "learned"],
+                   help="diffusion unmasking: confidence threshold, or the learned sampler scored against --threshold")
+    g.add_argument("--sampler", default=None, help="learned sampler dir (default: MODEL/sampler)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; see docs/sampling.md")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off)")

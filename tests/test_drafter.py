@@ -1,0 +1,141 @@
+"""The LoRA drafter: per-call adapter switching, training/inference mask agreement, PEFT round trips,
+a short self-distillation run that raises acceptance while greedy output stays equal to AR."""
+
+import copy
+import json
+
+import pytest
+import torch
+from _accel import prompts, trained_tiny
+from _tiny import PROMPTS, tiny_model
+
+from trimode import generate, masks
+from trimode.checkpoint import export_nld, load_model, save_model
+from trimode.peft import load_adapter, save_adapter
+from trimode.train.drafter import (
+    DrafterConfig,
+    ar_continuations,
+    default_out,
+    draft_training_inputs,
+    draft_training_mask,
+    fit_drafter,
+    reinit_adapter,
+)
+
+N = 24
+
+
+def test_adapter_is_chosen_per_call_with_no_global_state():
+    m = tiny_model(adapter=True)
+    plain = tiny_model(adapter=False)  # same seed: same base weights, no adapter at all
+    x = torch.tensor([PROMPTS[2]])
+    base = m(x)
+    on = m(x, adapter="draft")
+    assert not torch.allclose(base, on)
+    for _ in range(2):  # interleaved calls never leak state into each other
+        assert torch.equal(m(x), base)
+        assert torch.equal(m(x, adapter="draft"), on)
+    assert torch.allclose(base, plain(x), atol=1e-12)
+    assert torch.equal(m(x, adapter="no-such-adapter"), base)
+    # adapter_tokens: causal call with the adapter on the last token only leaves earlier logits at base.
+    gate = torch.zeros_like(x, dtype=torch.bool)
+    gate[:, -1] = True
+    part = m(x, adapter="draft", adapter_tokens=gate)
+    assert torch.allclose(part[:, :-1], base[:, :-1], atol=1e-12)
+    assert not torch.allclose(part[:, -1], base[:, -1])
+
+
+def test_training_mask_small_example():
+    m = draft_training_mask(3, torch.tensor([[1, 2]]), 2)[0]
+    want = torch.tensor([
+        # clean 0 1 2 | block0 (t=1) | block1 (t=2)
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 0, 0, 1, 1, 0, 0],
+        [1, 0, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1],
+        [1, 1, 0, 0, 0, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(m, want)
+
+
+@pytest.mark.parametrize("dlm_type", ["llada", "dream"])
+def test_training_forward_equals_cached_draft_pass(dlm_type):
+    """Each block of the batched training forward gives the logits of the inference draft pass:
+    cache = causal prefill of x[:t], canvas [x_t, MASK x (K-1)] bidirectional, adapter on."""
+    m = tiny_model(adapter=True, dlm_type=dlm_type)
+    c = m.config
+    K = 4
+    x = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]])
+    anchors = torch.tensor([[2, 5, 9, 6]])
+    adapt_anchor = torch.tensor([[True, False, True, True]])
+    tokens, positions, mask, gate = draft_training_inputs(x, anchors, K, mask_id=c.mask_token_id,
+                                                          max_seq_len=c.max_seq_len, adapt_anchor=adapt_anchor)
+    L = x.shape[1]
+    with torch.no_grad():
+        train_logits = m(tokens, positions, mask=mask, adapter="draft", adapter_tokens=gate)
+        assert torch.allclose(train_logits[:, :L], m(x), atol=1e-10)  # the clean stream is the verifier
+        for j, t in enumerate(anchors[0].tolist()):
+            cache = m.new_cache(1, 64)
+            m(x[:, :t], cache=cache)
+            cache.commit(torch.tensor([t]))
+            canvas = torch.full((1, K), c.mask_token_id)
+            canvas[0, 0] = x[0, t]
+            S = t + K
+            g = torch.ones(1, K, dtype=torch.bool)
+            g[0, 0] = bool(adapt_anchor[0, j])
+            ref = m(canvas, mask=masks.with_prefix(masks.bidirectional(K), cache.length, S), cache=cache,
+                    adapter="draft", adapter_tokens=g)
+            got = train_logits[:, L + j * K: L + (j + 1) * K]
+            assert torch.allclose(got, ref, atol=1e-10), (j, t)
+
+
+def test_peft_round_trip_and_load_model_finds_it(tmp_path):
+    m = tiny_model(adapter=True)
+    x = torch.tensor([PROMPTS[0]])
+    want = m(x, adapter="draft")
+    save_adapter(m, "draft", tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["o_proj"] and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    fresh = load_adapter(tiny_model(), tmp_path / "ad", name="draft")
+    assert torch.equal(fresh(x, adapter="draft"), want)
+    # Native dir: the drafter's default output is adapters/draft, which load_model attaches.
+    save_model(tiny_model(), tmp_path / "native")
+    out = default_out(tmp_path / "native")
+    assert out == tmp_path / "native" / "adapters" / "draft"
+    save_adapter(m, "draft", out)
+    assert torch.allclose(load_model(tmp_path / "native")(x, adapter="draft"), want, atol=1e-6)
+    # NLD dir: linear_spec_lora/.
+    export_nld(m, tmp_path / "nld")
+    assert default_out(tmp_path / "nld") == tmp_path / "nld" / "linear_spec_lora"
+    assert torch.allclose(load_model(tmp_path / "nld")(x, adapter="draft"), want, atol=1e-6)
+
+
+def _acceptance(model, prompts, k):
+    gens = generate(model, prompts, mode="linear", max_new_tokens=N, block_len=k)
+    acc = [a for g in gens for a in g.stats["acceptance"]]
+    return [g.tokens for g in gens], sum(acc) / len(acc)
+
+
+def test_short_training_raises_acceptance_and_keeps_ar_output():
+    m = trained_tiny()
+    seqs = ar_continuations(m, prompts(32, 11), new=N, eos_id=None, log=lambda s: None)
+    held = prompts(8, 12)
+    ref = [x.tokens for x in generate(m, held, mode="ar", max_new_tokens=N)]
+    toks0, acc0 = _acceptance(m, held, 4)
+    m = copy.deepcopy(m)
+    m.add_adapter("draft", r=8, alpha=32.0)
+    reinit_adapter(m, "draft", seed=0)
+    params = [p for n, p in m.named_parameters() if ".adapters.draft." in n]
+    for p in params:
+        p.requires_grad_(True)
+    cfg = DrafterConfig(model="-", steps=30, batch=8, blocks_per_seq=8, block_lens=(4,), lr=5e-3, warmup=3)
+    hist = fit_drafter(m, seqs, cfg, params=params, log=lambda s: None)
+    first, last = hist[:5], hist[-5:]
+    assert sum(h["loss"] for h in last) < sum(h["loss"] for h in first)
+    m.eval()
+    toks1, acc1 = _acceptance(m, held, 4)
+    assert toks0 == toks1 == ref  # greedy output with the trained adapter is still AR's
+    assert [x.tokens for x in generate(m, held, mode="quadratic", max_new_tokens=N, block_len=4)] == ref
+    assert acc1 >= acc0
