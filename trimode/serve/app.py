@@ -342,9 +342,10 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
         name = s.model_name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(request, job, queue, rid, created, name, chat, include_usage, deadline),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _JobStream(engine, job, stream(request, job, queue, rid, created, name, chat, include_usage,
+                                                  deadline),
+                              media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         parts: list[str] = []
         info = None
         async for ev in events(request, job, queue, watch=True, deadline=deadline):
@@ -399,6 +400,21 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
         return await complete(request, chat=True)
 
     return app
+
+
+class _JobStream(StreamingResponse):
+    """A streaming response that cancels its job however the response ends, even when the client left
+    before the first chunk (then the body generator never starts, so its own `finally` never runs)."""
+
+    def __init__(self, engine: Engine, job: Job, content, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._engine, self._job = engine, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._engine.cancel(self._job)  # a no-op once the job has finished
 
 
 def _finish(reason: str) -> str:
