@@ -431,3 +431,24 @@ def test_decoder_failure_is_contained(monkeypatch):
         assert err["type"] == "server_error" and err["code"] == "decoder_error"
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
         assert c.get("/health").json()["status"] == "ok" and c.engine.errors == 1
+
+
+def test_row_refused_by_the_decoder_api_is_400():
+    """A ValueError from Row(...) or admit() is the request's fault: a 400, and the worker lives on."""
+    from trimode.serve.fake import FakeRow
+
+    class PickyRow(FakeRow):
+        def __init__(self, prompt, **kw):
+            if prompt[0] == 5:
+                raise ValueError("row refused: prompt starts with 5")
+            super().__init__(prompt, **kw)
+
+    make_decoder, _ = fake_api(TOK)
+    engine = Engine(fake_model(TOK.vocab_size), TOK, EngineConfig(), api=(make_decoder, PickyRow))
+    app = create_app(engine, TOK, ServerSettings(model_name="fake", context=1024, vocab_size=TOK.vocab_size))
+    with TestClient(app) as c:
+        err = assert_error(c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}), 400)
+        assert "row refused" in err["message"]
+        assert c.post("/v1/completions", json={"prompt": [6, 5], "max_tokens": 2}).status_code == 200
+        h = c.get("/health").json()
+        assert (h["status"], h["queued"], h["running"]) == ("ok", 0, 0)

@@ -183,8 +183,15 @@ class Engine:
                     if job.row is not None and not job.finished:
                         job.row.cancel()
                         self._finish(job, "cancelled")
-                self._admit()
-                self._cycle()
+                try:
+                    self._admit()
+                    self._cycle()
+                except Exception:  # noqa: BLE001 (a bug here must not kill the only thread that decodes)
+                    log.exception("engine iteration failed; failing every running request")
+                    self.errors += 1
+                    self._decoders.clear()
+                    for job in [j for j in self._running.values() if not j.finished]:
+                        self._fail(job, APIError(500, "internal error in the engine", type="server_error"))
         for job in list(self._running.values()):
             self._fail(job, APIError(503, "the server is shutting down", type="server_error"))
 
@@ -209,8 +216,12 @@ class Engine:
             self.metrics.decisions.inc(mode=mode, requested=job.mode)
             job.key = config_key(mode, job.block_len, job.threshold)
             job.text = TextStream(self.tokenizer, job.stops)
-            job.row = row_cls(job.prompt, max_new_tokens=job.max_tokens, stop_ids=job.stop_ids,
-                              index=0, sampling=job.sampling)
+            try:
+                job.row = row_cls(job.prompt, max_new_tokens=job.max_tokens, stop_ids=job.stop_ids,
+                                  index=0, sampling=job.sampling)
+            except ValueError as e:
+                self._fail(job, APIError(400, str(e)))
+                continue
             groups.setdefault(job.key, []).append(job)
         for key, jobs in groups.items():
             try:
