@@ -148,3 +148,22 @@ def test_rejection_accepts_more_than_match(model):
 def test_bad_sampling_requests_raise_value_error(model, bad, match):
     with pytest.raises(ValueError, match=match):
         generate(model, PROMPTS, mode="linear", max_new_tokens=4, **bad)
+
+
+def test_cli_generate_sampling_flags(capsys):
+    import json
+
+    from trimode.cli import main
+
+    argv = ["generate", "--model", "bundled", "--mode", "linear", "--block-len", "4", "--prompt", "def f(x):",
+            "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--seed", "5", "--json"]
+    outs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert outs[0]["tokens"] == outs[1]["tokens"]
+    assert (outs[0]["seed"], outs[0]["acceptance_rule"], outs[0]["temperature"]) == (5, "rejection", 0.8)
+    assert main(argv[:-1] + ["--acceptance", "match"]) == 0
+    assert "match acceptance" in capsys.readouterr().err
+    assert main(argv + ["--top-k", "-1"]) == 2
+    assert "top_k" in capsys.readouterr().err
