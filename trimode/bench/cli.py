@@ -210,9 +210,13 @@ def make_configs(args: argparse.Namespace, model) -> list:
 
 
 def run_all(args, model, suites, configs, *, eos_id, peers_on: bool):
-    """Interleaved repeats: every configuration (and peer) once per repeat; fastest run kept."""
-    from .peers import fastest_peer, hf_generate, hf_model, logits_diff
-    from .runner import fastest, run_config, warm_up
+    """Every configuration (and peer) on every batch, interleaved at the finest grain: for each batch,
+    all configurations back to back, `repeats` times over the suite; each batch's fastest run is kept.
+    The load on a shared machine drifts over seconds, so configurations compared side by side on the
+    same batch within seconds of each other see the same conditions."""
+    from .peers import PeerResult, fastest_peer, hf_generate, hf_model, logits_diff
+    from .runner import RunResult, batches, decode_batch, fastest, warm_up
+    from .timing import TimedModel
 
     allp = [p for ps in suites.values() for p in ps]
     warm_up(model, allp[0], configs, eos_id=eos_id)
@@ -227,24 +231,33 @@ def run_all(args, model, suites, configs, *, eos_id, peers_on: bool):
             peer_info["logits_max_abs_diff"] = logits_diff(model, hf, allp[0].tokens)
             hf_generate(hf, allp[:1], max_new_tokens=4, eos_id=eos_id)  # warm-up
             hf_generate(hf, allp[:1], max_new_tokens=4, eos_id=eos_id, lookup=args.lookup)
-    done: dict[str, list] = {}
-    peer_runs: dict[str, list] = {}
-    reference = None
-    n_peer = 2 if hf is not None else 0
-    bar = _progress(args, args.repeats * (len(configs) + n_peer), "bench")
-    for _ in range(args.repeats):
-        for cfg in configs:
-            res = run_config(model, suites, cfg, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             eos_id=eos_id, reference=reference)
-            if cfg.mode == "ar" and reference is None:
-                reference = {r.prompt.source: r.tokens for r in res.rows}
-            done.setdefault(cfg.label, []).append(res)
+    peer_names = [("hf generate", None), (f"hf prompt-lookup {args.lookup}", args.lookup)] if hf is not None else []
+    R = args.repeats
+    done = {cfg.label: [RunResult(cfg) for _ in range(R)] for cfg in configs}
+    peer_runs = {name: [PeerResult(name, 0, 0.0, {}) for _ in range(R)] for name, _ in peer_names}
+    reference: dict[str, list[int]] = {}
+    timed = TimedModel(model)
+    todo = [(cat, b) for cat, ps in suites.items() for b in batches(ps, args.batch_size)]
+    bar = _progress(args, R * len(todo), "bench")
+    for rep in range(R):
+        for cat, batch in todo:
+            for cfg in configs:  # ar first: it is the reference of the oracle runs that follow
+                ref = [reference[p.source] for p in batch] if cfg.policy == "oracle" else None
+                rows, calls, s = decode_batch(timed, batch, cfg, max_new_tokens=args.max_new_tokens, eos_id=eos_id,
+                                              reference=ref)
+                done[cfg.label][rep].add(cat, rows, calls, s)
+                if cfg.mode == "ar" and rep == 0:
+                    reference.update({r.prompt.source: r.tokens for r in rows})
+            timed.calls.clear()
+            for name, lookup in peer_names:  # peers run at batch 1, on the same prompts
+                acc = peer_runs[name][rep]
+                r = hf_generate(hf, batch, max_new_tokens=args.max_new_tokens, eos_id=eos_id, lookup=lookup, name=name)
+                acc.tokens += r.tokens
+                acc.seconds += r.seconds
+                acc.forwards += r.forwards
+                acc.outputs.update(r.outputs)
+                acc.per_prompt.update(r.per_prompt)
             bar.update()
-        if hf is not None:
-            for name, lookup in (("hf generate", None), (f"hf prompt-lookup {args.lookup}", args.lookup)):
-                r = hf_generate(hf, allp, max_new_tokens=args.max_new_tokens, eos_id=eos_id, lookup=lookup, name=name)
-                peer_runs.setdefault(name, []).append(r)
-                bar.update()
     bar.close()
     best = {label: fastest(rs) for label, rs in done.items()}
     peers_best = {name: fastest_peer(rs) for name, rs in peer_runs.items()}
@@ -282,7 +295,7 @@ def print_report(args, out: dict, configs) -> None:
     peers = {p["name"]: p for p in out.get("peers", [])}
     print(f"\nmeasured: {out['prompts']} prompts ({', '.join(f'{k} {v}' for k, v in out['categories'].items())}), "
           f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, greedy, {out['threads']} thread(s), "
-          f"each batch's fastest of {args.repeats} interleaved repeat(s)")
+          f"interleaved per batch, each batch's fastest of {args.repeats} repeat(s)")
     hdr = (f"{'config':<24} {'tokens':>6} {'NFE':>5} {'tpf':>5} {'tpf_dec':>7} {'accept':>6} {'tok/s':>7} "
            f"{'vs ar':>6}")
     for name in peers:
