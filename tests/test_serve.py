@@ -450,5 +450,11 @@ def test_row_refused_by_the_decoder_api_is_400():
         err = assert_error(c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}), 400)
         assert "row refused" in err["message"]
         assert c.post("/v1/completions", json={"prompt": [6, 5], "max_tokens": 2}).status_code == 200
-        h = c.get("/health").json()
+        # The worker drops the finished row just after the last token is delivered: poll briefly.
+        deadline = time.monotonic() + 10
+        while True:
+            h = c.get("/health").json()
+            if (h["queued"], h["running"]) == (0, 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert (h["status"], h["queued"], h["running"]) == ("ok", 0, 0)
