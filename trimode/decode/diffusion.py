@@ -144,9 +144,11 @@ class DiffusionDecoder(Decoder):
             if not r.done:
                 kb = int(Kb[i])
                 out[i] = r.emit(canvas[i, :kb].tolist(), credit=credit[i, :kb].tolist())
+        # The block's tokens are handed out without a forward (they were finalised by the denoising
+        # forwards credited above); the commit forward below only involves rows still decoding.
+        steps.append(Step(EMIT, out, rows))
         if all(r.done for r in rows):
-            steps.append(Step(EMIT, out, rows))  # nothing left to decode: the final commit is not needed
-            return steps
+            return steps  # nothing left to decode: the final commit is not needed
         # Commit: causal forward over the finished canvas writes the block's K/V and predicts the next seed.
         causal = masks.with_prefix(masks.causal(K, device=dev), cache.length, S)
         logits = model(canvas, positions, mask=causal, cache=cache, logits_at=(Kb - 1)[:, None])
@@ -161,5 +163,5 @@ class DiffusionDecoder(Decoder):
         for i in committed:
             seed_credit[i] = len(rows[i].trace) - 1
         self.state["seed_credit"] = seed_credit
-        steps.append(Step(COMMIT, out, rows))
+        steps.append(Step(COMMIT, [[] if i in committed else None for i in range(B)], rows))
         return steps
