@@ -71,3 +71,37 @@ def test_learned_policy_in_diffusion_mode(setup):
     a = generate(m, PROMPTS, mode="diffusion", max_new_tokens=N, block_len=K, threshold=0.9)
     b = generate(m, PROMPTS, mode="diffusion", max_new_tokens=N, block_len=K, policy=Threshold(0.9))
     assert [g.tokens for g in a] == [g.tokens for g in b]
+
+
+def test_cli_generate_policy_learned(tmp_path, capsys):
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from trimode.checkpoint import save_model
+    from trimode.cli import main
+    from trimode.config import ModelConfig
+    from trimode.decode.learned import N_FEATURES, MLPScorer, Sampler
+    from trimode.model import Transformer, init_weights
+    from trimode.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 20,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|mask|>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(hf, special_tokens={"eos": "<|endoftext|>", "mask": "<|mask|>"})
+    cfg = ModelConfig(vocab_size=hf.get_vocab_size(), hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_seq_len=128, mask_token_id=tok.mask_id,
+                      eos_token_id=None, block_len=4)
+    save_model(init_weights(Transformer(cfg), seed=1, std=0.2), tmp_path, tokenizer=tok)
+    Sampler("mlp", MLPScorer(), torch.zeros(N_FEATURES), torch.ones(N_FEATURES), {"sizes": {"hidden": 64}}).save(
+        tmp_path / "sampler" / "mlp")
+    assert main(["generate", "--model", str(tmp_path), "--mode", "diffusion", "--policy", "learned",
+                 "--threshold", "0.5", "--prompt", "def add(", "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 8 and out["mode"] == "diffusion"
+    assert main(["generate", "--model", str(tmp_path), "--mode", "diffusion", "--policy", "learned",
+                 "--sampler", str(tmp_path / "nowhere"), "--prompt", "def add("]) == 2
