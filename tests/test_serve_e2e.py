@@ -18,10 +18,6 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import trimode.decode  # noqa: E402
-
-if not hasattr(trimode.decode, "make_decoder"):
-    pytest.skip("the step-level decoder API (make_decoder) has not landed", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 
