@@ -20,8 +20,8 @@ from _accel import prompts, trained_tiny  # noqa: E402
 
 from trimode import generate  # noqa: E402
 from trimode.decode.learned import LearnedPolicy  # noqa: E402
-from trimode.decode.policies import Oracle, Threshold  # noqa: E402
-from trimode.train.sampler import collect, evaluate_scores, fit  # noqa: E402
+from trimode.decode.policies import JointThreshold, Oracle, Threshold  # noqa: E402
+from trimode.train.sampler import collect, evaluate_scores, train_samplers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,15 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-steps", type=int, default=200)
     p.add_argument("--new", type=int, default=24)
     p.add_argument("--block-len", type=int, default=8)
+    p.add_argument("--held", type=int, default=256, help="held-out prompts")
+    p.add_argument("--rounds", type=int, default=2, help="on-policy (DAgger) rounds")
     p.add_argument("--png", default="docs/accel_sampler_tiny.png")
     args = p.parse_args(argv)
     m = trained_tiny(args.steps)
     K, N = args.block_len, args.new
     quiet = lambda s: None  # noqa: E731
-    train = collect(m, prompts(96, 1), block_len=K, new=N, eos_id=None, batch=96, log=quiet)
-    held_p = prompts(32, 2)
-    held = collect(m, held_p, block_len=K, new=N, eos_id=None, batch=32, seed=1, log=quiet)
-    samplers = {k: fit(train, k, steps=args.fit_steps, batch=128, log=quiet) for k in ("mlp", "transformer")}
+    samplers, _, _ = train_samplers(m, prompts(96, 1), ["mlp", "transformer"], block_len=K, new=N, eos_id=None,
+                                    rounds=args.rounds, steps=args.fit_steps, batch=96, fit_batch=128, log=quiet)
+    held_p = prompts(args.held, 2)
+    held = collect(m, held_p, block_len=K, new=N, eos_id=None, batch=64, seed=1, log=quiet)
     print("held-out scores:", json.dumps({"confidence": evaluate_scores(None, held),
                                           **{k: evaluate_scores(s, held) for k, s in samplers.items()}}))
     with torch.no_grad():
@@ -56,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     measure("oracle", None, Oracle(ref))
     for t in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
         measure("threshold", t, Threshold(t))
+    for t in (0.1, 0.3, 0.5, 0.7, 0.9):
+        measure("threshold-joint", t, JointThreshold(t))
     for k, s in samplers.items():
-        for t in (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95):
-            measure(f"learned-{k}", t, LearnedPolicy(s, t))
+        for rule in ("each", "joint"):
+            for t in (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95):
+                measure(f"learned-{k}" + ("-joint" if rule == "joint" else ""), t, LearnedPolicy(s, t, rule))
     print(f"tiny arithmetic model, {len(held_p)} held-out prompts x {N} tokens, block {K}")
     print("| policy | threshold | TPF | agreement with AR |")
     print("|---|---|---|---|")
@@ -71,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, style in (("threshold", "o-"), ("learned-mlp", "s-"), ("learned-transformer", "^-")):
+    for name, style in (("threshold", "o-"), ("threshold-joint", "o--"), ("learned-mlp", "s-"),
+                        ("learned-mlp-joint", "s--"), ("learned-transformer", "^-"),
+                        ("learned-transformer-joint", "^--")):
         pts = sorted((r["tpf"], r["agreement"]) for r in rows if r["policy"] == name)
         ax.plot(*zip(*pts), style, label=name)
     ax.plot([rows[0]["tpf"]], [rows[0]["agreement"]], "r*", markersize=14, label="oracle (speed of light)")

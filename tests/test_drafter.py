@@ -25,6 +25,24 @@ from trimode.train.drafter import (
 N = 24
 
 
+def test_add_adapter_with_a_generator_leaves_the_global_rng_alone():
+    models = [tiny_model(adapter=False) for _ in range(3)]  # building a model may draw from the global RNG
+
+    def attach(m, seed):
+        m.add_adapter("draft", targets=("o_proj",), r=4, alpha=8.0, generator=torch.Generator().manual_seed(seed))
+        return {n: p.clone() for n, p in m.named_parameters() if ".adapters.draft." in n}
+
+    torch.manual_seed(123)
+    expect_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = attach(models[0], 5), attach(models[1], 5), attach(models[2], 6)
+    assert torch.equal(torch.rand(3), expect_next)  # the global stream was not consumed
+    assert a.keys() == b.keys() and len(a) == 4  # A and B in each of the two layers' o_proj
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same generator seed, same init
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith(".A"))
+    assert all(not a[k].any() for k in a if k.endswith(".B"))  # B = 0: starts as a no-op
+
+
 def test_adapter_is_chosen_per_call_with_no_global_state():
     m = tiny_model(adapter=True)
     plain = tiny_model(adapter=False)  # same seed: same base weights, no adapter at all

@@ -105,3 +105,74 @@ def test_cli_generate_policy_learned(tmp_path, capsys):
     assert len(out["tokens"]) == 8 and out["mode"] == "diffusion"
     assert main(["generate", "--model", str(tmp_path), "--mode", "diffusion", "--policy", "learned",
                  "--sampler", str(tmp_path / "nowhere"), "--prompt", "def add("]) == 2
+
+
+def test_joint_rule_bounds_the_product_of_scores():
+    from trimode.decode.policies import joint_select, threshold_select
+
+    score = torch.tensor([[0.9, 0.2, 0.8, 0.95], [0.5, 0.4, 0.3, 0.2]])
+    cand = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    # row 0: 0.9 then 0.9 * 0.8 = 0.72 >= 0.7, then * 0.2 < 0.7 (slot 3 is no candidate);
+    # row 1: best candidate 0.4 always, 0.4 * 0.3 < 0.7.
+    assert joint_select(score, cand, 0.7).tolist() == [[True, False, True, False], [False, True, False, False]]
+    assert joint_select(score, cand, 0.0).equal(cand)  # tau 0: everything
+    assert joint_select(score, cand, torch.tensor([[0.0], [2.0]])).tolist() == [cand[0].tolist(),
+                                                                                [False, True, False, False]]
+    # "each" lets slots through one by one: at 0.7 row 0 takes 0.9 and 0.8 too (all right only 0.72)
+    assert threshold_select(score, cand, 0.7).tolist() == [[True, False, True, False], [False, True, False, False]]
+    assert threshold_select(score, cand, 0.15).tolist()[0] == [True, True, True, False]
+    assert joint_select(score, cand, 0.15).tolist()[0] == [True, False, True, False]  # 0.9*0.8*0.2 < 0.15
+
+
+def test_on_policy_recorder_decodes_like_its_behaviour_and_labels_against_ar(setup):
+    from trimode.decode.policies import JointThreshold
+    from trimode.train.sampler import OnPolicyRecorder
+
+    m, _, _ = setup
+    P = prompts(6, 11)
+    ar = [g.tokens for g in generate(m, P, mode="ar", max_new_tokens=N)]
+    for rule, ref_policy in (("each", Threshold(0.6)), ("joint", JointThreshold(0.4))):
+        rec = OnPolicyRecorder(m, None, [("confidence", rule, ref_policy.tau)] * len(P), {})
+        got = generate(m, P, mode="diffusion", max_new_tokens=N, block_len=K, policy=rec)
+        want = generate(m, P, mode="diffusion", max_new_tokens=N, block_len=K, policy=ref_policy)
+        assert [g.tokens for g in got] == [g.tokens for g in want]  # recording changes nothing
+        assert len(rec.refs) == len(P) * (N // K)  # one AR rollout per row and block
+        checked = 0
+        for (i, start), ref in rec.refs.items():
+            assert len(ref) == K - 1
+            if got[i].tokens[:start] == ar[i][:start]:  # committed context still on the AR path:
+                assert ref == ar[i][start + 1:start + K]  # the rollout is AR's own continuation
+                checked += 1
+        assert checked >= len(P)  # at least every first block
+        t = rec.trajectories()
+        assert 0 < t.label[t.cand].float().mean() < 1  # both classes among the slots a policy chose from
+
+
+def test_dagger_rounds_pool_on_policy_records():
+    from trimode.train.sampler import train_samplers
+
+    m = trained_tiny()
+    quiet = lambda s: None  # noqa: E731
+    s0, pool0, _ = train_samplers(m, prompts(16, 3), ["mlp"], block_len=K, new=16, eos_id=None, rounds=0,
+                                  steps=20, batch=16, fit_batch=32, log=quiet)
+    s1, pool1, val = train_samplers(m, prompts(16, 3), ["mlp"], block_len=K, new=16, eos_id=None, rounds=1,
+                                    steps=20, batch=16, fit_batch=32, log=quiet, holdout=0.2)
+    assert set(s0) == set(s1) == {"mlp"}
+    assert len(pool1) + len(val) > len(pool0)  # round 1 added its own records
+    assert val is not None and len(val) > 0
+
+
+def test_cli_train_sampler_on_policy_rounds(tmp_path, capsys):
+    import json
+
+    from trimode.train.sampler import main
+
+    out = tmp_path / "s"
+    assert main(["--model", "bundled", "--out", str(out), "--n-prompts", "4", "--new-tokens", "16", "--batch", "4",
+                 "--steps", "10", "--rounds", "1", "--kinds", "mlp", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["rounds"] == 1 and res["records"] > 0 and "mlp" in res
+    s = load_sampler(out)
+    assert s.kind == "mlp" and s.meta["rounds"] == 1
+    assert main(["--model", "bundled", "--out", str(out), "--rounds", "-1"]) == 2
+    assert main(["--model", "bundled", "--out", str(out), "--kinds", "gbm"]) == 2

@@ -18,7 +18,10 @@ from torch import nn
 class LoRA(nn.Module):
     """delta(x) = scale * B(A(x)), with A: (r, in) and B: (out, r); scale = alpha / r."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float) -> None:
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
+                 generator: torch.Generator | None = None) -> None:
+        """A is drawn (Kaiming-uniform, PEFT's default) from `generator` when given, so attaching an
+        adapter never consumes the global RNG; B starts at zero (the adapter starts as a no-op)."""
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
@@ -27,7 +30,7 @@ class LoRA(nn.Module):
         self.scale = self.alpha / r
         self.A = nn.Parameter(torch.empty(r, in_features))
         self.B = nn.Parameter(torch.zeros(out_features, r))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scale
@@ -54,8 +57,8 @@ class AdaptableLinear(nn.Module):
             y = y + (delta if gate is None else delta * gate)
         return y
 
-    def add_adapter(self, name: str, r: int, alpha: float) -> LoRA:
-        lora = LoRA(self.in_features, self.out_features, r, alpha).to(
+    def add_adapter(self, name: str, r: int, alpha: float, generator: torch.Generator | None = None) -> LoRA:
+        lora = LoRA(self.in_features, self.out_features, r, alpha, generator=generator).to(
             device=self.weight.device, dtype=self.weight.dtype
         )
         self.adapters[name] = lora

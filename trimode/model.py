@@ -163,13 +163,16 @@ class Transformer(nn.Module):
         return adapter_names(self)
 
     def add_adapter(
-        self, name: str, *, targets: tuple[str, ...] = ("o_proj",), r: int = 8, alpha: float = 16.0
+        self, name: str, *, targets: tuple[str, ...] = ("o_proj",), r: int = 8, alpha: float = 16.0,
+        generator: torch.Generator | None = None,
     ) -> None:
-        """Attach a fresh LoRA named `name` to every linear whose name ends with one of `targets`."""
+        """Attach a fresh LoRA named `name` to every linear whose name ends with one of `targets`.
+        `generator` (CPU) draws the LoRA A matrices, in module order; without it they come from the
+        global RNG."""
         hit = 0
         for mod_name, m in self.named_modules():
             if isinstance(m, AdaptableLinear) and mod_name.split(".")[-1] in targets:
-                m.add_adapter(name, r, alpha)
+                m.add_adapter(name, r, alpha, generator=generator)
                 hit += 1
         if hit == 0:
             raise ValueError(f"no linear named {targets} to attach adapter {name!r} to")

@@ -20,7 +20,7 @@ from .batch import Decoder, validate_rows
 from .common import FORWARD_KINDS, PREFILL, DecodeConfig, DraftOverride, Row, Rows, Step
 from .diffusion import DiffusionDecoder
 from .linear import LinearDecoder
-from .policies import EvenSchedule, Oracle, PolicyContext, Threshold
+from .policies import EvenSchedule, JointThreshold, Oracle, PolicyContext, Threshold
 from .quadratic import QuadraticDecoder
 
 
@@ -212,6 +212,7 @@ __all__ = [
     "DecodeConfig",
     "Decoder",
     "EvenSchedule",
+    "JointThreshold",
     "Generation",
     "Mode",
     "Oracle",

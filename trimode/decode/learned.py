@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .policies import PolicyContext
+from .policies import RULES, PolicyContext
 
 FEATURES = (
     "p1", "p2", "p3", "p4", "p5", "margin", "entropy", "log_p1", "top5_mass",
@@ -180,14 +180,19 @@ def load_sampler(path: str | Path) -> Sampler:
 
 @dataclass
 class LearnedPolicy:
-    """Fill every candidate whose learned score is >= threshold, and always the best-scoring one."""
+    """Fill by the learned score: rule "each" fills every candidate scoring >= threshold (and always
+    the best one); rule "joint" fills the best-scoring candidates while the product of their scores
+    stays >= threshold (`policies.joint_select`: a bound on the chance of any wrong fill per forward)."""
 
     sampler: Sampler
     threshold: float = 0.9
+    rule: str = "each"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0 or math.isnan(self.threshold):
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {sorted(RULES)}")
 
     def select(
         self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext | None = None
@@ -195,7 +200,4 @@ class LearnedPolicy:
         if ctx is None:
             raise ValueError("the learned policy needs the PolicyContext (probs, filled)")
         s = self.sampler.scores(slot_features(conf, candidates, step, ctx))
-        s = s.masked_fill(~candidates, -1.0)
-        best = torch.zeros_like(candidates)
-        best.scatter_(1, s.argmax(1, keepdim=True), True)
-        return candidates & ((s >= self.threshold) | best)
+        return RULES[self.rule](s, candidates, self.threshold)

@@ -41,6 +41,43 @@ def _top1(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return best & candidates
 
 
+def threshold_select(score: torch.Tensor, candidates: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Every candidate scoring >= tau (a float or a (B, 1) tensor, one per row), and always each
+    row's best-scoring candidate, so every forward makes progress."""
+    return (candidates & (score >= tau)) | _top1(score, candidates)
+
+
+def joint_select(score: torch.Tensor, candidates: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """The "joint" rule: take each row's candidates best-first while the product of their scores
+    stays >= tau (and always the best one). With scores that are calibrated probabilities of being
+    right, tau bounds the chance that this forward commits any wrong token, which is what breaks
+    agreement with AR; the per-slot rule lets m slots each at tau through (all right only tau^m)."""
+    s = score.float().clamp(0.0, 1.0).masked_fill(~candidates, 0.0)
+    order = s.argsort(dim=1, descending=True)
+    cum = s.gather(1, order).cumprod(dim=1)
+    keep = cum >= (tau if not torch.is_tensor(tau) else tau.to(cum.dtype))
+    keep[:, 0] = True
+    take = torch.zeros_like(candidates)
+    take.scatter_(1, order, keep)
+    return candidates & take
+
+
+RULES = {"each": threshold_select, "joint": joint_select}
+
+
+@dataclass(frozen=True)
+class JointThreshold:
+    """Fill the most confident candidates while the product of their confidences stays >= tau
+    (`joint_select` on the raw confidence; always at least the most confident one)."""
+
+    tau: float
+
+    def select(
+        self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext | None = None
+    ) -> torch.Tensor:
+        return joint_select(conf, candidates, self.tau)
+
+
 @dataclass(frozen=True)
 class Threshold:
     """Fill every candidate with confidence >= tau, and always the most confident one (progress)."""
@@ -50,7 +87,7 @@ class Threshold:
     def select(
         self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext | None = None
     ) -> torch.Tensor:
-        return (candidates & (conf >= self.tau)) | _top1(conf, candidates)
+        return threshold_select(conf, candidates, self.tau)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@
    policy whose threshold is drawn per row (so states with many and few filled slots both occur),
    and writes the AR token into every slot it fills (teacher forcing), so the canvas stays
    AR-consistent and the labels stay meaningful for the whole trajectory.
+   On-policy rounds (DAgger, `--rounds`): the scorers trained so far decode the training prompts
+   themselves, unforced, mixed with confidence-threshold rows (per-row threshold and rule drawn at
+   random), so the data holds the states their own wrong fills lead to. There a slot's label is
+   "top-1 == the AR greedy continuation of what the row has actually committed before this block"
+   (one AR rollout per row and block). Each round adds its records to the pool and refits.
 2. Two scorers trained with binary cross-entropy on the still-masked slots: a per-slot MLP and a
    small bidirectional transformer over the block.
 3. Saved beside the checkpoint: DIR/sampler/{mlp,transformer}/ (or --out); `trimode generate
@@ -27,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..decode.learned import FEATURES, LearnedPolicy, Sampler, build_scorer, slot_features
+from ..decode.learned import FEATURES, KINDS, LearnedPolicy, Sampler, build_scorer, slot_features
 from ..decode.policies import PolicyContext
 
 
@@ -99,26 +104,77 @@ class RecordingPolicy:
         return Trajectories(torch.cat(self.feats), torch.cat(self.cand), torch.cat(self.label))
 
 
-def collect(model, prompts: list[list[int]], *, block_len: int, new: int, eos_id: int | None, batch: int = 32,
-            tau_range: tuple[float, float] = (0.3, 1.0), seed: int = 0, log=print) -> Trajectories:
-    """Denoising trajectories of diffusion mode on `prompts` (see the module docstring)."""
-    from ..decode import generate
+def _select_per_row(conf: torch.Tensor, learned: dict[str, torch.Tensor], candidates: torch.Tensor,
+                    behaviours: list[tuple[str, str, float]]) -> torch.Tensor:
+    """Each row fills by its own (score, rule, tau): score is "confidence" or a sampler kind."""
+    from ..decode.policies import RULES
 
-    rng = random.Random(seed)
-    parts = []
-    t0 = time.perf_counter()
-    for s in range(0, len(prompts), batch):
-        chunk = prompts[s:s + batch]
-        ar = generate(model, chunk, mode="ar", max_new_tokens=new, eos_id=eos_id)
-        ref = full_reference(ar, eos_id)
-        taus = [rng.uniform(*tau_range) for _ in chunk]
-        rec = RecordingPolicy(ref, taus)
-        gens = generate(model, chunk, mode="diffusion", max_new_tokens=new, block_len=block_len, eos_id=eos_id,
-                        policy=rec)
-        assert [g.tokens for g in gens] == [g.tokens for g in ar], "teacher forcing must reproduce AR"
-        parts.append(rec.trajectories())
-        log(f"  trajectories {min(s + batch, len(prompts))}/{len(prompts)} prompts, "
-            f"{sum(len(p) for p in parts)} records ({time.perf_counter() - t0:.0f}s)")
+    dev = conf.device
+    tau = torch.tensor([b[2] for b in behaviours], device=dev, dtype=torch.float32)[:, None]
+    fill = torch.zeros_like(candidates)
+    scores = {"confidence": conf, **learned}
+    for name, score in scores.items():
+        for rule, fn in RULES.items():
+            pick = torch.tensor([b[0] == name and b[1] == rule for b in behaviours], device=dev)
+            if bool(pick.any()):
+                fill |= pick[:, None] & fn(score, candidates, tau)
+    return fill
+
+
+class OnPolicyRecorder:
+    """Records features and labels while every row fills by its own behaviour policy, unforced.
+
+    behaviours[row.index] = (score, rule, tau): score "confidence" or a key of `samplers`, rule
+    "each" or "joint" (`trimode.decode.policies.RULES`). Labels compare each slot's top-1 with the
+    AR greedy continuation of the row's committed tokens (one rollout per row and block, cached)."""
+
+    def __init__(self, model, eos_id: int | None, behaviours: list[tuple[str, str, float]],
+                 samplers: dict[str, Sampler]) -> None:
+        self.model = model
+        self.eos_id = eos_id
+        self.behaviours = behaviours
+        self.samplers = samplers
+        self.refs: dict[tuple[int, int], list[int]] = {}
+        self.feats: list[torch.Tensor] = []
+        self.cand: list[torch.Tensor] = []
+        self.label: list[torch.Tensor] = []
+
+    def labels(self, ctx: PolicyContext) -> torch.Tensor:
+        from ..decode import generate
+
+        B, n = ctx.proposal.shape
+        need = [b for b, row in enumerate(ctx.rows) if (row.index, ctx.start[b]) not in self.refs]
+        if need:
+            # The seed (canvas slot 0) is the AR prediction after the committed tokens, so the
+            # rollout's first token is the seed and masked slot i is its token i + 1.
+            ctxs = [list(ctx.rows[b].prompt) + list(ctx.rows[b].tokens) for b in need]
+            gens = generate(self.model, ctxs, mode="ar", max_new_tokens=n + 1, eos_id=self.eos_id)
+            for b, g in zip(need, full_reference(gens, self.eos_id)):
+                self.refs[(ctx.rows[b].index, ctx.start[b])] = g[1:n + 1]
+        ref = torch.full((B, n), -1, dtype=torch.long)
+        for b, row in enumerate(ctx.rows):
+            seg = self.refs[(row.index, ctx.start[b])]
+            if seg:
+                ref[b, : len(seg)] = torch.tensor(seg)
+        ref = ref.to(ctx.proposal.device)
+        return (ctx.proposal == ref) & (ref >= 0)
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext) -> torch.Tensor:
+        feats = slot_features(conf, candidates, step, ctx)
+        lab = self.labels(ctx)
+        keep = candidates.any(1)
+        self.feats.append(feats[keep].cpu())
+        self.cand.append(candidates[keep].cpu())
+        self.label.append(lab[keep].cpu())
+        learned = {k: s.scores(feats) for k, s in self.samplers.items()}
+        return _select_per_row(conf, learned, candidates, [self.behaviours[r.index] for r in ctx.rows])
+
+    def trajectories(self) -> Trajectories:
+        return Trajectories(torch.cat(self.feats), torch.cat(self.cand), torch.cat(self.label))
+
+
+def concat(parts: list[Trajectories]) -> Trajectories:
+    """Stack trajectory sets whose blocks may differ in length (shorter ones padded, not candidates)."""
     n = max(p.feats.shape[1] for p in parts)
 
     def pad(t: torch.Tensor, fill) -> torch.Tensor:
@@ -129,6 +185,72 @@ def collect(model, prompts: list[list[int]], *, block_len: int, new: int, eos_id
 
     return Trajectories(torch.cat([pad(p.feats, 0.0) for p in parts]), torch.cat([pad(p.cand, False) for p in parts]),
                         torch.cat([pad(p.label, False) for p in parts]))
+
+
+def collect(model, prompts: list[list[int]], *, block_len: int, new: int, eos_id: int | None, batch: int = 32,
+            tau_range: tuple[float, float] = (0.3, 1.0), seed: int = 0, log=print,
+            samplers: dict[str, Sampler] | None = None, rules: tuple[str, ...] = ("each", "joint")) -> Trajectories:
+    """Denoising trajectories of diffusion mode on `prompts` (see the module docstring).
+
+    samplers=None: teacher-forced, threshold-like filling (round 0). Otherwise on-policy: each row
+    decodes unforced by one of the samplers or by the confidence, with a rule from `rules` and a
+    threshold from `tau_range`, all drawn per row (an on-policy round)."""
+    from ..decode import generate
+
+    rng = random.Random(seed)
+    parts = []
+    t0 = time.perf_counter()
+    scores = ["confidence", *(samplers or {})]
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s:s + batch]
+        if samplers is None:
+            ar = generate(model, chunk, mode="ar", max_new_tokens=new, eos_id=eos_id)
+            ref = full_reference(ar, eos_id)
+            taus = [rng.uniform(*tau_range) for _ in chunk]
+            rec = RecordingPolicy(ref, taus)
+            gens = generate(model, chunk, mode="diffusion", max_new_tokens=new, block_len=block_len, eos_id=eos_id,
+                            policy=rec)
+            assert [g.tokens for g in gens] == [g.tokens for g in ar], "teacher forcing must reproduce AR"
+        else:
+            beh = [(rng.choice(scores), rng.choice(rules), rng.uniform(*tau_range)) for _ in chunk]
+            rec = OnPolicyRecorder(model, eos_id, beh, samplers)
+            generate(model, chunk, mode="diffusion", max_new_tokens=new, block_len=block_len, eos_id=eos_id,
+                     policy=rec)
+        parts.append(rec.trajectories())
+        log(f"  trajectories {min(s + batch, len(prompts))}/{len(prompts)} prompts, "
+            f"{sum(len(p) for p in parts)} records ({time.perf_counter() - t0:.0f}s)")
+    return concat(parts)
+
+
+def train_samplers(model, prompts: list[list[int]], kinds: list[str], *, block_len: int, new: int,
+                   eos_id: int | None, rounds: int = 2, steps: int = 400, batch: int = 32, fit_batch: int = 256,
+                   seed: int = 0, data: Trajectories | None = None, log=print,
+                   holdout: float = 0.0) -> tuple[dict[str, Sampler], Trajectories, Trajectories | None]:
+    """Round 0: teacher-forced trajectories (or `data`), fit every kind; rounds 1..R: on-policy
+    trajectories under the current scorers (DAgger), pooled with all earlier ones, refit.
+    Returns the samplers, the pooled training records and (holdout > 0) the held-out records of
+    the last round's on-policy data (the states the final policies' predecessors reach)."""
+    if data is None:
+        data = collect(model, prompts, block_len=block_len, new=new, eos_id=eos_id, batch=batch, seed=seed, log=log)
+    pool, val = data, None
+    if holdout > 0:
+        pool, val = data.split(holdout, seed)
+
+    def fit_all() -> dict[str, Sampler]:
+        return {k: fit(pool, k, steps=steps, batch=fit_batch, seed=seed, log=log) for k in kinds}
+
+    samplers = fit_all()
+    for r in range(1, rounds + 1):
+        log(f"on-policy round {r}/{rounds}: decoding with {', '.join(kinds)} and the confidence, unforced")
+        more = collect(model, prompts, block_len=block_len, new=new, eos_id=eos_id, batch=batch, seed=seed + 7919 * r,
+                       log=log, samplers=samplers, tau_range=(0.2, 0.97))
+        if holdout > 0:
+            more, val = more.split(holdout, seed + r)
+        pool = concat([pool, more])
+        log(f"  pooled {len(pool)} records; top-1 right on {float(more.label[more.cand].float().mean()):.3f} "
+            f"of this round's masked slots")
+        samplers = fit_all()
+    return samplers, pool, val
 
 
 def fit(data: Trajectories, kind: str, *, steps: int = 400, batch: int = 256, lr: float = 3e-3, seed: int = 0,
@@ -221,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=600, help="training steps per scorer")
     p.add_argument("--kinds", default="mlp,transformer")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="on-policy (DAgger) rounds after the teacher-forced one (0: teacher-forced only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-cache", default=None, help="save / reuse the trajectories (.pt)")
     p.add_argument("--json", action="store_true")
@@ -238,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         print(s, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     try:
+        if args.rounds < 0:
+            raise ValueError(f"--rounds must be >= 0, got {args.rounds}")
+        kinds = [k for k in args.kinds.split(",") if k]
+        for k in kinds:
+            if k not in KINDS:
+                raise ValueError(f"unknown sampler kind {k!r}; choose from {', '.join(KINDS)}")
         mdir = resolve_model_dir(args.model)
         out = Path(args.out) if args.out else mdir / "sampler"
         model = load_model(mdir, dtype=torch.float32)
@@ -260,21 +390,26 @@ def main(argv: list[str] | None = None) -> int:
             if args.data_cache:
                 Path(args.data_cache).parent.mkdir(parents=True, exist_ok=True)
                 torch.save(vars(data), args.data_cache)
-        train, val = data.split(0.15, args.seed)
-        res: dict[str, Any] = {"model": str(mdir), "out": str(out), "records": len(data),
-                               "positive_rate": float(data.label[data.cand].float().mean()),
+        prompts = train_prompts(mdir, tok, args.prompts, n=args.n_prompts, prompt_len=args.prompt_len,
+                                seed=args.seed + 1) if args.rounds else []
+        samplers, pool, val = train_samplers(model, prompts, kinds, block_len=args.block_len, new=args.new_tokens,
+                                             eos_id=model.config.eos_token_id, rounds=args.rounds,
+                                             steps=args.steps, batch=args.batch, seed=args.seed, data=data, log=log,
+                                             holdout=0.15)
+        res: dict[str, Any] = {"model": str(mdir), "out": str(out), "records": len(pool) + len(val),
+                               "rounds": args.rounds, "positive_rate": float(pool.label[pool.cand].float().mean()),
                                "val_confidence": evaluate_scores(None, val)}
-        log(f"{len(train)} train / {len(val)} validation records; top-1 correct on "
-            f"{res['positive_rate']:.3f} of masked slots; confidence alone: {res['val_confidence']}")
-        for kind in args.kinds.split(","):
-            s = fit(train, kind, steps=args.steps, seed=args.seed, log=log)
-            s.meta["val"] = evaluate_scores(s, val)
-            s.meta["block_len"] = args.block_len
-            s.meta["model"] = str(mdir)
-            s.save(out / kind)
-            res[kind] = s.meta["val"]
+        log(f"{len(pool)} train / {len(val)} validation records (validation: the last round's held-out 15%); "
+            f"confidence alone: {res['val_confidence']}")
+        for kind, smp in samplers.items():
+            smp.meta["val"] = evaluate_scores(smp, val)
+            smp.meta["block_len"] = args.block_len
+            smp.meta["model"] = str(mdir)
+            smp.meta["rounds"] = args.rounds
+            smp.save(out / kind)
+            res[kind] = smp.meta["val"]
             size = sum(f.stat().st_size for f in (out / kind).iterdir())
-            log(f"{kind}: validation {s.meta['val']}  saved {out / kind} ({size / 1e3:.1f} kB)")
+            log(f"{kind}: validation {smp.meta['val']}  saved {out / kind} ({size / 1e3:.1f} kB)")
         res["seconds"] = time.perf_counter() - t0
     except ValueError as e:
         print(f"trimode train-sampler: error: {e}", file=sys.stderr)
