@@ -6,8 +6,10 @@ with and without the "draft" LoRA, per prompt category, and whether greedy outpu
     python scripts/accel_drafter_eval.py --model runs/smollm2_joint --adapter runs/accel/smollm2_draft \
         --categories gsm8k,mbpp,humaneval --prompts 4 --new 32 --block-lens 8
 
-Categories: `stdlib` (windows of the held-out standard-library files of a model with
-heldout_files.json), `gsm8k` (test questions), `mbpp` (tasks 11-510), `humaneval` (chat prompts).
+Categories: `coding`, `math`, `domain`: the `trimode bench` suites (chat-formatted when the tokenizer
+has a chat template; `domain` = held-out files); `stdlib` (windows of the held-out standard-library
+files of a model with heldout_files.json), `gsm8k` (test questions), `mbpp` (tasks 11-510),
+`humaneval` (chat prompts).
 Prints a markdown table and one JSON line.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from trimode import generate
+from trimode.bench.suites import CATEGORIES, build_suites
 from trimode.checkpoint import load_model
 from trimode.peft import load_adapter
 from trimode.tokenizer import load_tokenizer
@@ -30,6 +33,10 @@ from trimode.train.evaluate import encode_files, heldout_paths, make_prompts
 
 
 def category_prompts(mdir: Path, tok, eos, category: str, n: int, prompt_len: int) -> list[list[int]]:
+    if category in CATEGORIES:  # the `trimode bench` suites (chat-formatted when the tokenizer has a template)
+        chat = tok.chat_template is not None and category != "domain"
+        suite = build_suites(tok, n=n, categories=[category], chat=chat, model_dir=mdir, domain_prompt_len=prompt_len)
+        return [list(q.tokens) for q in suite.get(category, [])]
     if category == "stdlib":
         docs = encode_files(tok, heldout_paths(mdir), eos)
         return make_prompts(docs, n, prompt_len)
@@ -40,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None, help="PEFT adapter dir (default: the model's own 'draft')")
-    p.add_argument("--categories", default="stdlib")
+    p.add_argument("--categories", default="stdlib",
+                   help="stdlib (held-out files), gsm8k/mbpp/humaneval (chat), or the bench suites coding/math/domain")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=96)
     p.add_argument("--new", type=int, default=64)

@@ -103,6 +103,12 @@ def test_cli_generate_policy_learned(tmp_path, capsys):
                  "--threshold", "0.5", "--prompt", "def add(", "--max-new-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["tokens"]) == 8 and out["mode"] == "diffusion"
+    for extra in (["--policy", "learned", "--rule", "joint"], ["--rule", "joint"]):
+        assert main(["generate", "--model", str(tmp_path), "--mode", "diffusion", *extra, "--threshold", "0.3",
+                     "--prompt", "def add(", "--max-new-tokens", "8", "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["tokens"]) == 8
+    assert main(["generate", "--model", str(tmp_path), "--mode", "diffusion", "--rule", "joint",
+                 "--threshold", "1.5", "--prompt", "def add("]) == 2
     assert main(["generate", "--model", str(tmp_path), "--mode", "diffusion", "--policy", "learned",
                  "--sampler", str(tmp_path / "nowhere"), "--prompt", "def add("]) == 2
 

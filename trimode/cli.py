@@ -141,7 +141,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.policy == "learned":  # issue 7: the trained unmasking sampler (trimode train-sampler)
         from .decode.learned import LearnedPolicy, load_sampler
 
-        policy = LearnedPolicy(load_sampler(args.sampler or path / "sampler"), args.threshold)
+        policy = LearnedPolicy(load_sampler(args.sampler or path / "sampler"), args.threshold, args.rule)
+    elif args.rule == "joint":
+        from .decode.policies import JointThreshold
+
+        policy = JointThreshold(args.threshold)
     mode, cfg, rows = prepare(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens,
                               block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -195,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", default="threshold", choices=["threshold", "learned"],
                    help="diffusion unmasking: confidence threshold, or the learned sampler scored against --threshold")
     g.add_argument("--sampler", default=None, help="learned sampler dir (default: MODEL/sampler)")
+    g.add_argument("--rule", default="each", choices=["each", "joint"],
+                   help="diffusion: fill every slot scoring >= --threshold (each), or the best slots while the "
+                        "product of their scores stays >= --threshold (joint)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; see docs/sampling.md")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off)")

@@ -72,6 +72,10 @@ class JointThreshold:
 
     tau: float
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau <= 1.0:  # also rejects NaN
+            raise ValueError(f"threshold must lie in [0, 1], got {self.tau!r}")
+
     def select(
         self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext | None = None
     ) -> torch.Tensor:
