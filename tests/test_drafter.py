@@ -157,3 +157,57 @@ def test_short_training_raises_acceptance_and_keeps_ar_output():
     assert toks0 == toks1 == ref  # greedy output with the trained adapter is still AR's
     assert [x.tokens for x in generate(m, held, mode="quadratic", max_new_tokens=N, block_len=4)] == ref
     assert acc1 >= acc0
+
+
+def test_interrupted_drafter_run_resumes_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    from trimode.train.drafter import STATE, resolve_model_dir, train_drafter
+
+    base = dict(model="bundled", n_prompts=4, new_tokens=8, gen_batch=4, steps=5, batch=2, blocks_per_seq=2,
+                block_lens=(4,), save_every=2, log_every=1, data_cache=str(tmp_path / "data.pt"))
+    quiet = lambda s: None  # noqa: E731
+    train_drafter(DrafterConfig(out=str(tmp_path / "full"), **base), log=quiet)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_3(line):
+        if line.startswith("step     3"):
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_drafter(DrafterConfig(out=str(tmp_path / "cut"), **base), log=crash_at_step_3)
+    assert (tmp_path / "cut" / STATE).exists()  # the step-2 adapter and trainer state survived the crash
+    m = load_model(resolve_model_dir("bundled"))
+    load_adapter(m, tmp_path / "cut", name="draft")  # ... and the adapter there is a usable PEFT adapter
+    lines = []
+    train_drafter(DrafterConfig(out=str(tmp_path / "cut"), **base), log=lines.append)
+    assert any(line.startswith("resuming from step 2") for line in lines)
+    assert not (tmp_path / "cut" / STATE).exists()  # a finished run leaves only the adapter
+    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((tmp_path / "full" / "training.json").read_text())["history"]
+    hb = json.loads((tmp_path / "cut" / "training.json").read_text())["history"]
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+
+    # A resume with other settings is refused with a clear error; --no-resume starts over.
+    with pytest.raises(Crash):
+        train_drafter(DrafterConfig(out=str(tmp_path / "cut2"), **base), log=crash_at_step_3)
+    with pytest.raises(ValueError, match="steps"):
+        train_drafter(DrafterConfig(out=str(tmp_path / "cut2"), **{**base, "steps": 6}), log=quiet)
+    (tmp_path / "cut2" / STATE).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="no-resume"):
+        train_drafter(DrafterConfig(out=str(tmp_path / "cut2"), **base), log=quiet)
+    train_drafter(DrafterConfig(out=str(tmp_path / "cut2"), **base, resume=False), log=quiet)
+    assert not (tmp_path / "cut2" / STATE).exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--batch", "0"), ("--save-every", "-1"),
+                                        ("--block-len", "1"), ("--lr", "0")])
+def test_train_drafter_rejects_bad_settings(flag, value, capsys):
+    from trimode.train.drafter import main
+
+    assert main(["--model", "bundled", "--out", "/nonexistent/x", flag, value]) == 2
+    assert flag in capsys.readouterr().err

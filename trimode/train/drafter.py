@@ -336,6 +336,8 @@ class DrafterConfig:
     dtype: str = "float32"
     log_every: int = 10
     data_cache: str | None = None  # a .pt of the AR continuations, reused when it exists
+    save_every: int = 50  # write the adapter + trainer state every N steps (0: only at the end)
+    resume: bool = True  # continue from OUT/trainer_state.pt when an interrupted run left one
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -383,17 +385,33 @@ def resolve_model_dir(path: str) -> Path:
     return p
 
 
+STATE = "trainer_state.pt"
+
+
 def fit_drafter(model: torch.nn.Module, seqs: Sequences, cfg: DrafterConfig, *,
-                params: list[torch.nn.Parameter], log=print) -> list[dict[str, Any]]:
-    """Train `params` (the draft LoRA) on the self-distillation sequences; returns the step log."""
+                params: list[torch.nn.Parameter], log=print, state: dict[str, Any] | None = None,
+                checkpoint=None) -> list[dict[str, Any]]:
+    """Train `params` (the draft LoRA) on the self-distillation sequences; returns the step log.
+
+    state: a dict written earlier through `checkpoint` (every cfg.save_every steps): training goes
+    on from its step with the same weights, optimizer moments, data order and random stream, so a
+    resumed run ends bit-identical to an uninterrupted one."""
     N = seqs.tokens.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     history: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
     order = torch.randperm(N, generator=gen).tolist()
-    pos = 0
-    for step in range(1, cfg.steps + 1):
+    pos, first = 0, 1
+    if state is not None:
+        with torch.no_grad():
+            for p, v in zip(params, state["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        order, pos, first = list(state["order"]), int(state["pos"]), int(state["step"]) + 1
+        history = list(state["history"])
+    t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    for step in range(first, cfg.steps + 1):
         lr = cfg.lr * min(1.0, step / max(1, cfg.warmup)) * (0.5 * (1 + math.cos(math.pi * (step - 1) / cfg.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -416,6 +434,9 @@ def fit_drafter(model: torch.nn.Module, seqs: Sequences, cfg: DrafterConfig, *,
         rec = {"step": step, "loss": float(loss.detach()), "K": K, "lr": lr,
                "seconds": time.perf_counter() - t0, **info}
         history.append(rec)
+        if checkpoint is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            checkpoint({"step": step, "params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
+                        "gen": gen.get_state(), "order": order, "pos": pos, "history": history})
         if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
             log(f"step {step:>5}  loss {rec['loss']:.4f}  ce {info['ce']:.4f}  kl {info['kl']:.4f}  "
                 f"top1 {info['acc1']:.3f}  accepted/block {info['accepted']:.2f}  K {K}  "
@@ -428,6 +449,15 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
     from ..peft import save_adapter
     from ..tokenizer import load_tokenizer
 
+    bad = [f"{k} must be >= {lo}, got {v}" for k, v, lo in (
+        ("--steps", cfg.steps, 1), ("--batch", cfg.batch, 1), ("--blocks-per-seq", cfg.blocks_per_seq, 1),
+        ("--save-every", cfg.save_every, 0), ("--n-prompts", cfg.n_prompts, 1), ("--new-tokens", cfg.new_tokens, 1),
+        ("--rank", cfg.rank if cfg.rank is not None else 1, 1), ("--block-len", min(cfg.block_lens or (0,)), 2))
+        if v < lo]
+    if not cfg.lr > 0:
+        bad.append(f"--lr must be > 0, got {cfg.lr}")
+    if bad:
+        raise ValueError("; ".join(bad))
     mdir = resolve_model_dir(cfg.model)
     out = Path(cfg.out) if cfg.out else default_out(mdir)
     model = load_model(mdir, dtype=getattr(torch, cfg.dtype))
@@ -465,9 +495,36 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         if cfg.data_cache:
             Path(cfg.data_cache).parent.mkdir(parents=True, exist_ok=True)
             torch.save(vars(seqs), cfg.data_cache)
-    history = fit_drafter(model, seqs, cfg, params=params, log=log)
+    # Resuming: the settings that shape the run must match the interrupted one.
+    settings = {"model": str(mdir.resolve()), "targets": list(cfg.targets), "r": rank, "alpha": float(alpha),
+                "block_lens": list(cfg.block_lens), "steps": cfg.steps, "batch": cfg.batch,
+                "blocks_per_seq": cfg.blocks_per_seq, "lr": cfg.lr, "warmup": cfg.warmup,
+                "kl_weight": cfg.kl_weight, "ce_weight": cfg.ce_weight, "seed": cfg.seed, "bf16": cfg.bf16,
+                "sequences": int(seqs.tokens.shape[0]), "new_tokens": int(seqs.tokens.shape[1])}
+    state = None
+    if cfg.resume and (out / STATE).exists():
+        try:
+            state = torch.load(out / STATE, weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say so instead of a traceback
+            raise ValueError(f"cannot read the trainer state {out / STATE} ({e}); "
+                             "pass --no-resume to start over") from e
+        if state.get("settings") != settings:
+            diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+            raise ValueError(f"{out / STATE} was written by a run with other settings ({', '.join(diff)}); "
+                             f"pass the same flags, another --out, or --no-resume to start over")
+        log(f"resuming from step {state['step']} ({out / STATE})")
+
+    def checkpoint(st: dict[str, Any]) -> None:
+        from .._io import atomic_dir
+        from ..peft import ADAPTER_CONFIG, write_adapter
+
+        with atomic_dir(out, marker=ADAPTER_CONFIG) as tmp:  # adapter + state replace the old pair at once
+            write_adapter(model, DRAFT, tmp)
+            torch.save({**st, "settings": settings}, tmp / STATE)
+
+    history = fit_drafter(model, seqs, cfg, params=params, log=log, state=state, checkpoint=checkpoint)
     model.eval()
-    save_adapter(model, DRAFT, out)
+    save_adapter(model, DRAFT, out)  # the finished adapter replaces the last periodic one (and its state)
     meta = {"model": str(mdir), "targets": list(cfg.targets), "r": rank, "alpha": alpha,
             "trainable_params": n_params, "steps": cfg.steps, "block_lens": list(cfg.block_lens),
             "prompts": len(prompts), "new_tokens": cfg.new_tokens, "kl_weight": cfg.kl_weight,
@@ -506,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--data-cache", default=None, help="save / reuse the AR continuations (.pt)")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="write the adapter and the trainer state every N steps (0: only at the end)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if OUT holds the state of an interrupted run")
     p.add_argument("--json", action="store_true", help="print a JSON summary line at the end")
     return p
 
@@ -518,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         blocks_per_seq=args.blocks_per_seq, lr=args.lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
         prompts=tuple(args.prompts), n_prompts=args.n_prompts, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, seed=args.seed,
-        log_every=args.log_every, data_cache=args.data_cache,
+        log_every=args.log_every, data_cache=args.data_cache, save_every=args.save_every,
+        resume=not args.no_resume,
     )
     try:
         res = train_drafter(cfg, log=lambda s: print(s, file=sys.stderr if args.json else sys.stdout, flush=True))
