@@ -24,6 +24,34 @@ from trimode.decode.policies import JointThreshold, Oracle, Threshold  # noqa: E
 from trimode.train.sampler import collect, evaluate_scores, train_samplers  # noqa: E402
 
 
+def envelope(points, hull: bool = False):
+    """Agreement of a policy family at a given TPF: its best point per TPF, linear between
+    neighbours (hull=True: the upper concave hull, i.e. also every mix of two settings, which
+    switching per prompt would reach); None outside its TPF range."""
+    pts = sorted(points)
+    best: dict[float, float] = {}
+    for x, y in pts:
+        best[x] = max(best.get(x, 0.0), y)
+    xs = sorted(best)
+    pts_: list[tuple[float, float]] = []
+    for x in xs:
+        p = (x, best[x])
+        while hull and len(pts_) >= 2 and (pts_[-1][1] - pts_[-2][1]) * (p[0] - pts_[-2][0]) <= \
+                (p[1] - pts_[-2][1]) * (pts_[-1][0] - pts_[-2][0]):
+            pts_.pop()
+        pts_.append(p)
+
+    def at(x: float):
+        if not pts_ or x < pts_[0][0] - 1e-9 or x > pts_[-1][0] + 1e-9:
+            return None
+        for (x0, y0), (x1, y1) in zip(pts_, pts_[1:]):
+            if x0 - 1e-9 <= x <= x1 + 1e-9:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return pts_[0][1]
+
+    return at
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=100, help="base-model training steps")
@@ -62,14 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         measure("threshold-joint", t, JointThreshold(t))
     for k, s in samplers.items():
         for rule in ("each", "joint"):
-            for t in (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95):
+            for t in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95):
                 measure(f"learned-{k}" + ("-joint" if rule == "joint" else ""), t, LearnedPolicy(s, t, rule))
+    thr = [(r["tpf"], r["agreement"]) for r in rows if r["policy"] == "threshold"]
+    base, base_hull = envelope(thr), envelope(thr, hull=True)
     print(f"tiny arithmetic model, {len(held_p)} held-out prompts x {N} tokens, block {K}")
-    print("| policy | threshold | TPF | agreement with AR |")
-    print("|---|---|---|---|")
+    print("| policy | threshold | TPF | agreement with AR | vs threshold curve | vs threshold hull |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         th = "-" if r["threshold"] is None else f"{r['threshold']:g}"
-        print(f"| {r['policy']} | {th} | {r['tpf']:.3f} | {r['agreement']:.3f} |")
+        cells = []
+        for key, f in (("vs_threshold", base), ("vs_threshold_hull", base_hull)):
+            d = f(r["tpf"])
+            r[key] = None if d is None else r["agreement"] - d
+            cells.append("-" if d is None or r["policy"] == "threshold" else f"{r['agreement'] - d:+.3f}")
+        print(f"| {r['policy']} | {th} | {r['tpf']:.3f} | {r['agreement']:.3f} | {cells[0]} | {cells[1]} |")
     import matplotlib
 
     matplotlib.use("Agg")
