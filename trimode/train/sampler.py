@@ -61,15 +61,32 @@ def full_reference(gens, eos_id: int | None) -> list[list[int]]:
     return [g.tokens + ([eos_id] if g.finish_reason == "stop" and eos_id is not None else []) for g in gens]
 
 
-class RecordingPolicy:
-    """Records features and labels, fills like Threshold(tau[row]) and forces the AR tokens."""
+class _Recorder:
+    """The record store shared by the recording policies: one record per row and forward that had
+    something to fill."""
 
-    def __init__(self, reference: list[list[int]], taus: list[float]) -> None:
-        self.reference = reference
-        self.taus = taus
+    def __init__(self) -> None:
         self.feats: list[torch.Tensor] = []
         self.cand: list[torch.Tensor] = []
         self.label: list[torch.Tensor] = []
+
+    def record(self, feats: torch.Tensor, candidates: torch.Tensor, label: torch.Tensor) -> None:
+        keep = candidates.any(1)
+        self.feats.append(feats[keep].cpu())
+        self.cand.append(candidates[keep].cpu())
+        self.label.append(label[keep].cpu())
+
+    def trajectories(self) -> Trajectories:
+        return Trajectories(torch.cat(self.feats), torch.cat(self.cand), torch.cat(self.label))
+
+
+class RecordingPolicy(_Recorder):
+    """Records features and labels, fills like Threshold(tau[row]) and forces the AR tokens."""
+
+    def __init__(self, reference: list[list[int]], taus: list[float]) -> None:
+        super().__init__()
+        self.reference = reference
+        self.taus = taus
 
     def labels(self, ctx: PolicyContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n) reference token per slot (-1 past its end) and whether the top-1 equals it."""
@@ -87,10 +104,7 @@ class RecordingPolicy:
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext) -> torch.Tensor:
         feats = slot_features(conf, candidates, step, ctx)
         ref, lab = self.labels(ctx)
-        keep = candidates.any(1)
-        self.feats.append(feats[keep].cpu())
-        self.cand.append(candidates[keep].cpu())
-        self.label.append(lab[keep].cpu())
+        self.record(feats, candidates, lab)
         tau = torch.tensor([self.taus[row.index] for row in ctx.rows], device=conf.device)[:, None]
         scored = conf.masked_fill(~candidates, -1.0)
         best = torch.zeros_like(candidates)
@@ -99,9 +113,6 @@ class RecordingPolicy:
         forced = fill & (ref >= 0)
         ctx.proposal[forced] = ref[forced]
         return fill
-
-    def trajectories(self) -> Trajectories:
-        return Trajectories(torch.cat(self.feats), torch.cat(self.cand), torch.cat(self.label))
 
 
 def _select_per_row(conf: torch.Tensor, learned: dict[str, torch.Tensor], candidates: torch.Tensor,
@@ -121,7 +132,7 @@ def _select_per_row(conf: torch.Tensor, learned: dict[str, torch.Tensor], candid
     return fill
 
 
-class OnPolicyRecorder:
+class OnPolicyRecorder(_Recorder):
     """Records features and labels while every row fills by its own behaviour policy, unforced.
 
     behaviours[row.index] = (score, rule, tau): score "confidence" or a key of `samplers`, rule
@@ -130,14 +141,12 @@ class OnPolicyRecorder:
 
     def __init__(self, model, eos_id: int | None, behaviours: list[tuple[str, str, float]],
                  samplers: dict[str, Sampler]) -> None:
+        super().__init__()
         self.model = model
         self.eos_id = eos_id
         self.behaviours = behaviours
         self.samplers = samplers
         self.refs: dict[tuple[int, int], list[int]] = {}
-        self.feats: list[torch.Tensor] = []
-        self.cand: list[torch.Tensor] = []
-        self.label: list[torch.Tensor] = []
 
     def labels(self, ctx: PolicyContext) -> torch.Tensor:
         from ..decode import generate
@@ -161,16 +170,9 @@ class OnPolicyRecorder:
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int, ctx: PolicyContext) -> torch.Tensor:
         feats = slot_features(conf, candidates, step, ctx)
-        lab = self.labels(ctx)
-        keep = candidates.any(1)
-        self.feats.append(feats[keep].cpu())
-        self.cand.append(candidates[keep].cpu())
-        self.label.append(lab[keep].cpu())
+        self.record(feats, candidates, self.labels(ctx))
         learned = {k: s.scores(feats) for k, s in self.samplers.items()}
         return _select_per_row(conf, learned, candidates, [self.behaviours[r.index] for r in ctx.rows])
-
-    def trajectories(self) -> Trajectories:
-        return Trajectories(torch.cat(self.feats), torch.cat(self.cand), torch.cat(self.label))
 
 
 def concat(parts: list[Trajectories]) -> Trajectories:
