@@ -47,8 +47,8 @@ DRAFT = "draft"
 # The bundled model's corpus filter (configs/bundled.toml [data]): prompts come from the same files.
 STDLIB_EXCLUDE = ("*/test/*", "*/tests/*", "*/site-packages/*", "*/idlelib/*", "*/lib2to3/*", "*/encodings/*",
                   "*/__pycache__/*", "*/ensurepip/*", "*/config-3*/*", "*/pydoc_data/*")
-DATA_ROOT = Path("/work/shared/data")
 CATEGORIES = ("gsm8k", "mbpp", "humaneval")
+TRAIN_SOURCES = ("gsm8k", "mbpp", "chat")  # names accepted by --prompts (their train splits)
 
 
 # -- masks and the training forward ---------------------------------------------------------
@@ -198,15 +198,24 @@ def _jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def category_texts(category: str, *, split: str, root: Path = DATA_ROOT) -> list[str]:
-    """User messages of a benchmark category. split "train": GSM8K train, MBPP tasks 601-974 (the
-    upstream train split); split "test": GSM8K test, MBPP tasks 11-510, HumanEval (test only)."""
+def category_texts(category: str, *, split: str, root: Path | None = None) -> list[str]:
+    """User messages of a benchmark category. split "train": GSM8K train, MBPP tasks 511-974 (the
+    upstream validation and train splits); split "test": GSM8K test, MBPP tasks 11-510, HumanEval
+    (test only). `chat` is the project's own general set (`trimode.prompts`: templates for train, a
+    separately written set for test). root: the data directory (`trimode.prompts.data_root`)."""
+    from ..prompts import CHAT_HELDOUT, chat_train_texts, data_root
+
+    if category == "chat":
+        return chat_train_texts() if split == "train" else list(CHAT_HELDOUT)
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; choose one of {CATEGORIES + ('chat',)}")
+    root = data_root(root)
     if category == "gsm8k":
         rows = _jsonl(root / "gsm8k" / f"{'train' if split == 'train' else 'test'}.jsonl")
         return [r["question"] for r in rows]
     if category == "mbpp":
         rows = _jsonl(root / "mbpp" / "mbpp.jsonl")
-        lo, hi = (601, 974) if split == "train" else (11, 510)
+        lo, hi = (511, 974) if split == "train" else (11, 510)
         return [f"{r['text']}\nYour code should pass this test:\n{r['test_list'][0]}"
                 for r in rows if lo <= r["task_id"] <= hi]
     if category == "humaneval":
@@ -233,13 +242,17 @@ def chat_prompts(tok, texts: Sequence[str], *, n: int, seed: int, max_len: int =
 
 def train_prompts(model_dir: Path, tok, specs: Sequence[str] | None, *, n: int, prompt_len: int,
                   seed: int) -> list[list[int]]:
-    """Training prompts: `specs` (text files / dirs: windows; GSM8K / MBPP jsonl: chat prompts), else
-    the stdlib training files for a model with heldout_files.json (the bundled one), else chat
-    prompts from the GSM8K and MBPP train splits under /work/shared/data."""
+    """Training prompts: `specs` (names `gsm8k`, `mbpp`, `chat`: the train split of that category as chat
+    prompts; jsonl files: chat prompts; text files / dirs: windows), else the stdlib training files
+    for a model with heldout_files.json (the bundled one), else chat prompts from the GSM8K and MBPP
+    train splits (`trimode.prompts.data_root`). Every source contributes up to n; the mix is shuffled."""
     if specs:
-        chat = [s for s in specs if s.endswith(".jsonl") or s.endswith(".jsonl.gz")]
-        text = [s for s in specs if s not in chat]
+        named = [s for s in specs if s in TRAIN_SOURCES]
+        chat = [s for s in specs if s not in named and (s.endswith(".jsonl") or s.endswith(".jsonl.gz"))]
+        text = [s for s in specs if s not in chat and s not in named]
         out: list[list[int]] = []
+        for s in named:
+            out += chat_prompts(tok, category_texts(s, split="train"), n=n, seed=seed)
         for s in chat:
             rows = _jsonl(Path(s))
             key = "question" if "question" in rows[0] else ("text" if "text" in rows[0] else "prompt")
@@ -334,6 +347,7 @@ class DrafterConfig:
     bf16: bool = False  # fp32 measured faster than bf16 autocast for the 6.8M model on this CPU
     seed: int = 0
     dtype: str = "float32"
+    gen_dtype: str | None = None  # dtype of the model that writes the AR targets (default: dtype)
     log_every: int = 10
     data_cache: str | None = None  # a .pt of the AR continuations, reused when it exists
     save_every: int = 50  # write the adapter + trainer state every N steps (0: only at the end)
@@ -489,8 +503,10 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         prompts = seqs.tokens  # only counted below
     else:
         prompts = train_prompts(mdir, tok, cfg.prompts, n=cfg.n_prompts, prompt_len=cfg.prompt_len, seed=cfg.seed)
-        log(f"{len(prompts)} training prompts; generating AR greedy continuations of {cfg.new_tokens} tokens")
-        seqs = ar_continuations(model, prompts, new=cfg.new_tokens, eos_id=c.eos_token_id, batch=cfg.gen_batch,
+        log(f"{len(prompts)} training prompts; generating AR greedy continuations of {cfg.new_tokens} tokens "
+            f"({cfg.gen_dtype or cfg.dtype})")
+        gen_model = model if cfg.gen_dtype in (None, cfg.dtype) else load_model(mdir, dtype=getattr(torch, cfg.gen_dtype))
+        seqs = ar_continuations(gen_model, prompts, new=cfg.new_tokens, eos_id=c.eos_token_id, batch=cfg.gen_batch,
                                 pad_id=c.pad_token_id if c.pad_token_id is not None else 0, log=log)
         if cfg.data_cache:
             Path(cfg.data_cache).parent.mkdir(parents=True, exist_ok=True)
@@ -554,12 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=0.5)
     p.add_argument("--ce-weight", type=float, default=1.0)
-    p.add_argument("--prompts", nargs="*", default=[], help="prompt data: text files/dirs or jsonl")
+    p.add_argument("--prompts", nargs="*", default=[],
+                   help=f"prompt data: {', '.join(TRAIN_SOURCES)} (their train splits), text files/dirs or jsonl")
     p.add_argument("--n-prompts", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per text-window prompt")
     p.add_argument("--new-tokens", type=int, default=64, help="AR continuation length per prompt")
     p.add_argument("--gen-batch", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
+    p.add_argument("--gen-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype of the model that writes the AR targets (default float32; bfloat16 is ~4x faster on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--data-cache", default=None, help="save / reuse the AR continuations (.pt)")
@@ -578,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         rank=args.rank, alpha=args.alpha, block_lens=_ints(args.block_len), steps=args.steps, batch=args.batch,
         blocks_per_seq=args.blocks_per_seq, lr=args.lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
         prompts=tuple(args.prompts), n_prompts=args.n_prompts, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, seed=args.seed,
+        new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, gen_dtype=args.gen_dtype, seed=args.seed,
         log_every=args.log_every, data_cache=args.data_cache, save_every=args.save_every,
         resume=not args.no_resume,
     )
