@@ -1,15 +1,17 @@
 """Decode GSM8K test questions (chat) with ar / quadratic / diffusion on a trimode checkpoint.
 
 usage: python scripts/eval_chat_modes.py CHECKPOINT_DIR [N_PROMPTS] [NEW_TOKENS]
+GSM8K comes from $TRIMODE_DATA, else shared/data beside the checkout (`trimode.prompts.data_root`), else
+the first 200 test questions packaged with trimode (`trimode.bench.suites`).
 Prints tokens per forward, whether quadratic equals AR, and diffusion's token agreement with AR.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from trimode.bench.suites import data_dir, math_texts
 from trimode.checkpoint import load_model
 from trimode.decode import generate
 from trimode.tokenizer import load_tokenizer
@@ -17,11 +19,13 @@ from trimode.tokenizer import load_tokenizer
 ckpt = Path(sys.argv[1])
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 new = int(sys.argv[3]) if len(sys.argv) > 3 else 48
-data = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
-rows = [json.loads(x) for x in data.read_text().splitlines()[:n]]
+try:
+    questions = [q for _, q in math_texts(data_dir(), n, chat=True)]
+except ValueError as e:
+    sys.exit(f"eval_chat_modes: error: {e}")
 model = load_model(ckpt, dtype=torch.float32)
 tok = load_tokenizer(ckpt)
-prompts = [tok.encode(f"<|im_start|>user\n{r['question']}<|im_end|>\n<|im_start|>assistant\n") for r in rows]
+prompts = [tok.encode(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n") for q in questions]
 torch.set_grad_enabled(False)
 ar = generate(model, prompts, mode="ar", max_new_tokens=new)
 ref = [g.tokens for g in ar]

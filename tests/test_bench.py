@@ -176,13 +176,14 @@ def test_synthetic_shape_runs_on_cpu() -> None:
 
 
 def test_suites_from_shared_data() -> None:
-    from trimode.bench.suites import DATA
+    from trimode.prompts import data_root
     from trimode.tokenizer import load_tokenizer
 
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
+    data = data_root(required=False)
+    if data is None:
+        pytest.skip("no benchmark data directory ($TRIMODE_DATA or shared/data beside the checkout)")
     tok = load_tokenizer(BUNDLED)
-    raw = build_suites(tok, n=3, categories=["coding", "math", "domain"], model_dir=BUNDLED)
+    raw = build_suites(tok, n=3, categories=["coding", "math", "domain"], model_dir=BUNDLED, data=data)
     assert [p.source.split("/")[0] for p in raw["coding"]] == ["HumanEval", "mbpp", "HumanEval"]
     assert len(raw["math"]) == 3 and raw["math"][0].text.startswith("Question:")
     assert all(not p.text.endswith("\n") for p in raw["coding"])

@@ -65,10 +65,12 @@ def test_bad_input_gives_clean_errors(ckpt, tmp_path, capsys):
 
 
 def test_demo_json(capsys):
-    res = run_json(capsys, "demo", "--max-new-tokens", "6", "--json")
+    res = run_json(capsys, "demo", "--model", "bundled", "--dtype", "float32", "--max-new-tokens", "6", "--json")
     by_mode = {r["mode"]: r for r in res["results"]}
     assert set(by_mode) == {"ar", "diffusion", "linear", "quadratic"}
-    assert by_mode["linear"]["identical_to_ar"] and by_mode["quadratic"]["identical_to_ar"]
+    n = res["prompts"]
+    assert by_mode["linear"]["identical_to_ar"] == n and by_mode["quadratic"]["identical_to_ar"] == n
+    assert by_mode["ar"]["speedup_vs_ar"] == 1.0
 
 
 def test_bf16_decoding_runs_and_matches_fp32_logits():

@@ -221,6 +221,9 @@ def load_model(
             load_adapter(model, sub, name=sub.name)
     if not native and (path / NLD_ADAPTER_DIR).is_dir():
         load_adapter(model, path / NLD_ADAPTER_DIR, name=NLD_ADAPTER_NAME)
+    from .models import read_decoding
+
+    model.decoding = read_decoding(path)  # measured decoding defaults (best block length per mode)
     return model.eval()
 
 

@@ -86,8 +86,9 @@ def gguf_tokenizer(reader: Any):
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, mask_token: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json, model.safetensors and tokenizer files for a llama-architecture GGUF."""
+                 dtype: torch.dtype = torch.float32, progress: bool = False) -> Path:
+    """Write config.json, model.safetensors and tokenizer files for a llama-architecture GGUF.
+    progress: a progress bar over the tensors on stderr."""
     from gguf import GGUFReader
 
     from .config import ModelConfig
@@ -135,7 +136,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, mask_token: str 
                  "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
                  "ffn_norm": "post_attention_layernorm"}
     state: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
+    from tqdm import tqdm
+
+    for name, t in tqdm(tensors.items(), total=len(tensors), desc="converting GGUF", unit="tensor",
+                        disable=not progress, file=sys.stderr):
         w = _tensor(t)
         if name in names:
             key = names[name]

@@ -147,6 +147,8 @@ class Transformer(nn.Module):
         inv_freq, attn_factor = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_attention_factor = attn_factor
+        # Measured decoding defaults stored with a checkpoint (decoding.json, `trimode.models`).
+        self.decoding: dict = {}
 
     @property
     def device(self) -> torch.device:
@@ -190,7 +192,8 @@ class Transformer(nn.Module):
         adapter: str | None = None,
         adapter_tokens: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for `tokens`.
 
         tokens: (B, T) ids. positions: (B, T) absolute positions (RoPE); defaults to
@@ -201,8 +204,34 @@ class Transformer(nn.Module):
         adapter_tokens: optional bool (B, T): the adapter acts only on these tokens (others use the
         base weights), for fused forwards that mix drafted and verified tokens.
         logits_at: optional (B, n) indices into T; only those positions get the output head.
-        Returns (B, T, V) logits, or (B, n, V) with `logits_at`.
+        Returns (B, T, V) logits, or (B, n, V) with `logits_at`. hidden=True stops before the output
+        head and returns (h, gate) instead (see `features`); `head(h, adapter=, gate=)` finishes it.
         """
+        h, gate = self.features(tokens, positions, mask=mask, cache=cache, adapter=adapter,
+                                adapter_tokens=adapter_tokens, at=logits_at)
+        return (h, gate) if hidden else self.head(h, adapter=adapter, gate=gate)
+
+    def head(self, h: torch.Tensor, *, adapter: str | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (..., V) of final-normed hidden states h (..., hidden) from `features`."""
+        if self.lm_head is None:
+            return F.linear(h, self.embed_tokens.weight)
+        return self.lm_head(h, adapter, gate)
+
+    def features(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        adapter: str | None = None,
+        adapter_tokens: torch.Tensor | None = None,
+        at: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward without the output head: final-normed hidden states (B, T, hidden), or
+        (B, n, hidden) at the indices `at`, and the adapter gate of those tokens (or None), for
+        `head`. A decoder that needs logits for only some of the returned rows (quadratic: one
+        sub-block of drafts, chosen by the verification in the same forward) applies `head` to those."""
         c = self.config
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
@@ -249,15 +278,12 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, q_scale, mask, cache, i, S, adapter=adapter, gate=gate)
-        if logits_at is not None:
-            idx = logits_at.to(dev)
+        if at is not None:
+            idx = at.to(dev)
             x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, hidden)
             if gate is not None:
                 gate = torch.gather(gate, 1, idx[..., None])
-        x = self.norm(x)
-        if self.lm_head is None:
-            return F.linear(x, self.embed_tokens.weight)
-        return self.lm_head(x, adapter, gate)
+        return self.norm(x), gate
 
 
 def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Transformer:

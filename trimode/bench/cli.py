@@ -61,20 +61,23 @@ def _names(allowed: tuple[str, ...]):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trimode bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled", help="checkpoint directory, or 'bundled' (default)")
+    p.add_argument("--model", default="bundled", help="checkpoint directory, 'smollm2' or 'bundled' (default)")
     p.add_argument("--modes", type=_names(MODES), default=list(MODES), help="comma-separated (default: all four)")
     p.add_argument("--block-lens", type=_ints, default=None, help="comma-separated (default: 4,8,16)")
     p.add_argument("--thresholds", type=_floats, default=[0.9], help="diffusion thresholds; 'none' = even schedule")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=4, help="prompts per category")
-    p.add_argument("--categories", type=_names(CATEGORIES), default=list(CATEGORIES))
+    p.add_argument("--categories", type=_names(CATEGORIES), default=None,
+                   help=f"comma-separated from {', '.join(CATEGORIES)} (default: coding, math, domain where the model "
+                        "has held-out text, and chat for chat models)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="chat-format prompts (auto: when the tokenizer has a chat template)")
     p.add_argument("--max-prompt-len", type=int, default=256, help="longer prompts keep their last tokens")
     p.add_argument("--domain-prompt-len", type=int, default=96)
     p.add_argument("--domain-files", nargs="*", default=[], help="held-out text files for the domain category")
-    p.add_argument("--data", default=None, help="benchmark data directory (default: ../shared/data)")
+    p.add_argument("--data", default=None, help="benchmark data directory (default: $TRIMODE_DATA, else "
+                                                "../shared/data beside the checkout, else the packaged prompt subset)")
     p.add_argument("--no-sol", action="store_true", help="skip the speed-of-light oracle runs")
     p.add_argument("--no-peers", action="store_true", help="skip transformers generate / prompt lookup")
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the peer")
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=None, help="write PNG plots as PREFIX_*.png")
     p.add_argument("--sweep", type=_ints, default=None, help="batch sizes for the ar / speculative crossover sweep")
     p.add_argument("--write-crossover", action="store_true", help="write auto_crossover to MODEL/serving.json")
+    p.add_argument("--write-block-lens", action="store_true",
+                   help="write the fastest block length per mode (and per category where it differs) and the "
+                        "faster speculative mode to MODEL/decoding.json, which demo, generate and serve read")
     p.add_argument("--synthetic", default=None,
                    help="shape benchmark with random weights: nld-8b, nld-3b, nld-mini, tiny")
     p.add_argument("--context", type=int, default=None, help="synthetic: cached context length")
@@ -166,9 +172,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 # -- model benchmark --------------------------------------------------------------------------------
 def load(args: argparse.Namespace):
     from ..checkpoint import load_model
+    from ..models import resolve_model
     from ..tokenizer import load_tokenizer
 
-    path = BUNDLED if args.model == "bundled" else Path(args.model)
+    path = resolve_model(args.model)
     model = load_model(path, dtype=_dtype(args.dtype), device=args.device)
     tok = load_tokenizer(path)
     if tok is not None:
@@ -464,11 +471,29 @@ def cmd_model(args: argparse.Namespace) -> int:
             })
             sw["written"] = str(written)
         out["sweep"] = sw
+    if args.write_block_lens:
+        from ..models import choose_block_lens, write_decoding
+
+        info = choose_block_lens(runs)
+        if not info["block_len"]:
+            raise ValueError("--write-block-lens needs diffusion, linear or quadratic runs")
+        info["measured"] = {"dtype": out["dtype"], "device": out["device"], "threads": out["threads"],
+                            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                            "prompts": out["categories"], "repeats": args.repeats,
+                            "load_average": list(__import__("os").getloadavg()),
+                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "source": "trimode bench --write-block-lens"}
+        out["decoding"] = {**info, "written": str(write_decoding(path, info))}
     if args.plots:
         out["plots"] = [str(p) for p in __import__("trimode.bench.plots", fromlist=["write_plots"]).write_plots(
             out, args.plots)]
     if not args.json:
         print_report(args, out, configs)
+        if out.get("decoding"):
+            dd = out["decoding"]
+            print(f"\nbest block length per mode: {dd['block_len']} (faster speculative mode: "
+                  f"{dd.get('speculative_mode')}; per category where different: {dd['by_category'] or 'none'}); "
+                  f"written to {dd['written']}")
         if out.get("plots"):
             print("plots: " + ", ".join(out["plots"]))
     print(json.dumps(out))

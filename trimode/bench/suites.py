@@ -1,32 +1,47 @@
-"""Prompt suites by category, built from `../shared/data` and the model's own held-out text.
+"""Prompt suites by category, built from the benchmark data, the project's chat set and the model's own
+held-out text.
 
 Categories (SPEED-Bench style, per-category numbers are reported separately):
 
 - `coding`: HumanEval `prompt` and MBPP `text` + its first `test_list` assert (evaluation split,
   task_id 11-510), alternating;
 - `math`: GSM8K test `question`;
+- `chat`: the project's held-out general chat requests (`trimode.prompts.CHAT_HELDOUT`, 32 prompts);
 - `domain`: held-out text from the model's own training domain, cut into fixed-length windows. For
   a checkpoint with `heldout_files.json` (the bundled model: standard-library files it never saw)
   those files; otherwise files passed with `--domain-files`; otherwise no domain category.
 
+Where the data comes from: `data` (`--data DIR`, must exist), else $TRIMODE_DATA (must exist), else
+`shared/data` beside the checkout when present (`trimode.prompts.data_root`), else the excerpt packaged
+in `trimode/assets/prompts/` (all HumanEval prompts, the MBPP evaluation split, the first 200 GSM8K test
+questions; see its README.md). The excerpt gives exactly the prompts of the full files, in the same order;
+a math suite of more than 200 prompts needs the full data.
+
 Prompts are chat-formatted (one user turn, generation prompt) when `chat` is true; the domain
-category is always raw continuation text. Raw prompts end without a trailing newline: byte-level
-BPEs merge a newline with the indentation after it, so a prompt ending in a bare newline is off
-distribution. Prompts longer than `max_prompt_len` tokens keep their last tokens.
+category is always raw continuation text, and raw chat prompts read "User: ...\nAssistant:". Raw prompts
+end without a trailing newline: byte-level BPEs merge a newline with the indentation after it, so a prompt
+ending in a bare newline is off distribution. Prompts longer than `max_prompt_len` tokens keep their last
+tokens.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-CATEGORIES = ("coding", "math", "domain")
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
+CATEGORIES = ("coding", "math", "chat", "domain")
 MBPP_EVAL = range(11, 511)  # the upstream evaluation split
+# The packaged excerpt (scripts/make_prompt_assets.py writes it from a data directory).
+PACKAGED = Path(__file__).resolve().parents[1] / "assets" / "prompts"
+PACKAGED_HUMANEVAL = PACKAGED / "humaneval" / "HumanEval_prompts.jsonl.gz"
+PACKAGED_MBPP = PACKAGED / "mbpp" / "mbpp_eval_prompts.jsonl.gz"
+PACKAGED_GSM8K = PACKAGED / "gsm8k" / "test_questions.jsonl.gz"
+PACKAGED_GSM8K_N = 200
 
 
 @dataclass(frozen=True)
@@ -34,16 +49,27 @@ class Prompt:
     """One benchmark prompt: where it came from, its text (after formatting) and its token ids."""
 
     category: str
-    source: str  # e.g. "HumanEval/0", "mbpp/11", "gsm8k/0", "heldout/ntpath.py@0"
+    source: str  # e.g. "HumanEval/0", "mbpp/11", "gsm8k/0", "chat/0", "heldout/ntpath.py@0"
     text: str
     tokens: tuple[int, ...]
 
 
-def data_dir(path: str | Path | None = None) -> Path:
-    d = Path(path) if path is not None else DATA
-    if not d.is_dir():
-        raise ValueError(f"benchmark data directory {d} does not exist (expected ../shared/data); pass --data")
-    return d
+def default_categories(chat: bool) -> list[str]:
+    """The categories a benchmark of a model measures by default: `chat` only for chat-formatted prompts
+    (a raw "User: ... Assistant:" turn is off distribution for a base model); `domain` is left out later
+    when the model has no held-out text."""
+    return [c for c in CATEGORIES if chat or c != "chat"]
+
+
+def data_dir(path: str | Path | None = None) -> Path | None:
+    """The full benchmark data directory, or None for the packaged excerpt. `path` (`--data`) and
+    $TRIMODE_DATA must exist (a clear ValueError otherwise); the default `shared/data` beside the checkout
+    is used only when present."""
+    from ..prompts import data_root
+
+    if path is not None or os.environ.get("TRIMODE_DATA"):
+        return data_root(path)
+    return data_root(required=False)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -52,10 +78,30 @@ def _jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def coding_texts(data: Path, n: int, *, chat: bool) -> list[tuple[str, str]]:
-    """n (source, text) pairs alternating HumanEval and MBPP."""
-    he = _jsonl(data / "humaneval" / "HumanEval.jsonl.gz")
-    mb = [r for r in _jsonl(data / "mbpp" / "mbpp.jsonl") if r["task_id"] in MBPP_EVAL]
+def _humaneval(data: Path | None) -> list[dict]:
+    return _jsonl(data / "humaneval" / "HumanEval.jsonl.gz" if data is not None else PACKAGED_HUMANEVAL)
+
+
+def _mbpp_eval(data: Path | None) -> list[dict]:
+    rows = _jsonl(data / "mbpp" / "mbpp.jsonl" if data is not None else PACKAGED_MBPP)
+    return [r for r in rows if r["task_id"] in MBPP_EVAL]
+
+
+def _gsm8k_test(data: Path | None, n: int) -> list[dict]:
+    if data is not None:
+        return _jsonl(data / "gsm8k" / "test.jsonl")[:n]
+    if n > PACKAGED_GSM8K_N:
+        raise ValueError(f"{n} math prompts asked for, but without a data directory only the packaged first "
+                         f"{PACKAGED_GSM8K_N} GSM8K test questions are available: ask for at most "
+                         f"{PACKAGED_GSM8K_N}, or pass --data DIR or set TRIMODE_DATA to a directory holding "
+                         "gsm8k/test.jsonl")
+    return _jsonl(PACKAGED_GSM8K)[:n]
+
+
+def coding_texts(data: Path | None, n: int, *, chat: bool) -> list[tuple[str, str]]:
+    """n (source, text) pairs alternating HumanEval and MBPP (data None: the packaged excerpt)."""
+    he = _humaneval(data)
+    mb = _mbpp_eval(data)
     out: list[tuple[str, str]] = []
     for i in range(n):
         if i % 2 == 0:
@@ -72,10 +118,18 @@ def coding_texts(data: Path, n: int, *, chat: bool) -> list[tuple[str, str]]:
     return out
 
 
-def math_texts(data: Path, n: int, *, chat: bool) -> list[tuple[str, str]]:
-    rows = _jsonl(data / "gsm8k" / "test.jsonl")
-    return [(f"gsm8k/{i}", rows[i]["question"] if chat else f"Question: {rows[i]['question']}\nAnswer:")
-            for i in range(min(n, len(rows)))]
+def math_texts(data: Path | None, n: int, *, chat: bool) -> list[tuple[str, str]]:
+    """Up to n GSM8K test questions (data None: the packaged first 200; more is a ValueError)."""
+    rows = _gsm8k_test(data, n)
+    return [(f"gsm8k/{i}", r["question"] if chat else f"Question: {r['question']}\nAnswer:")
+            for i, r in enumerate(rows)]
+
+
+def chat_texts(n: int, *, chat: bool) -> list[tuple[str, str]]:
+    """Up to n of the project's held-out chat requests (no data directory needed)."""
+    from ..prompts import CHAT_HELDOUT
+
+    return [(f"chat/{i}", t if chat else f"User: {t}\nAssistant:") for i, t in enumerate(CHAT_HELDOUT[:n])]
 
 
 def heldout_files(model_dir: Path | None) -> list[Path]:
@@ -112,7 +166,7 @@ def build_suites(
     tok,
     *,
     n: int,
-    categories: Sequence[str] = CATEGORIES,
+    categories: Sequence[str] | None = None,
     chat: bool = False,
     model_dir: Path | None = None,
     domain_files: Sequence[Path] = (),
@@ -121,7 +175,11 @@ def build_suites(
     domain_prompt_len: int = 96,
     new_tokens: int = 64,
 ) -> dict[str, list[Prompt]]:
-    """Up to n prompts per category (categories with no source are left out)."""
+    """Up to n prompts per category (categories with no source are left out). data: the benchmark data
+    directory (must exist); None: $TRIMODE_DATA, else shared/data beside the checkout, else the packaged
+    excerpt (see the module docstring). categories None: `default_categories(chat)`."""
+    if categories is None:
+        categories = default_categories(chat)
     bad = [c for c in categories if c not in CATEGORIES]
     if bad:
         raise ValueError(f"unknown categories {bad}; choose from {', '.join(CATEGORIES)}")
@@ -130,6 +188,7 @@ def build_suites(
     if chat and tok.chat_template is None:
         raise ValueError("chat formatting asked for, but the tokenizer has no chat template")
     out: dict[str, list[Prompt]] = {}
+    d = data_dir(data) if {"coding", "math"} & set(categories) else None  # None also: the packaged excerpt
     for cat in categories:
         if cat == "domain":
             files = list(domain_files) or heldout_files(model_dir)
@@ -137,8 +196,10 @@ def build_suites(
             if ps:
                 out[cat] = ps
             continue
-        d = data_dir(data)
-        texts = coding_texts(d, n, chat=chat) if cat == "coding" else math_texts(d, n, chat=chat)
+        if cat == "chat":
+            texts = chat_texts(n, chat=chat)
+        else:
+            texts = coding_texts(d, n, chat=chat) if cat == "coding" else math_texts(d, n, chat=chat)
         prompts = []
         for src, text in texts:
             if chat:

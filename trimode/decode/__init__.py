@@ -96,7 +96,7 @@ def prepare(
     *,
     mode: str | Mode,
     max_new_tokens: int,
-    block_len: int = 32,
+    block_len: int | None = None,
     threshold: float | None = 0.9,
     steps: int | None = None,
     stop: Sequence[int] | None = None,
@@ -113,6 +113,10 @@ def prepare(
 ) -> tuple[Mode, DecodeConfig, Rows]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
+    if block_len is None:  # the measured best stored with the model (decoding.json), else 32
+        from ..models import best_block_len
+
+        block_len = best_block_len(model, m.value, fallback=32)
     sampling = _sampling(len(prompts) if isinstance(prompts, Sequence) else 0, temperature=temperature,
                          top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, acceptance=acceptance)
     cfg = DecodeConfig(
@@ -180,7 +184,7 @@ def generate(
     *,
     mode: str | Mode,
     max_new_tokens: int,
-    block_len: int = 32,
+    block_len: int | None = None,
     threshold: float | None = 0.9,
     stop: Sequence[int] | None = None,
     eos_id: int | None = None,
@@ -188,7 +192,8 @@ def generate(
 ) -> list[Generation]:
     """Decode every prompt (a list of token-id lists; ragged lengths are fine) in one batch.
 
-    mode: "ar", "diffusion", "linear" or "quadratic". block_len: diffusion block / draft length.
+    mode: "ar", "diffusion", "linear" or "quadratic". block_len: diffusion block / draft length
+    (default: the model's measured best for the mode, `decoding.json` beside its weights, else 32).
     threshold: diffusion confidence threshold (None: even schedule over `steps`). stop: extra stop
     token ids. eos_id: defaults to the model's. Sampling (docs/sampling.md): temperature (0, the
     default, is greedy), top_k, top_p, min_p, seed (int: prompt i gets seed + i; or one per prompt),

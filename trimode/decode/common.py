@@ -85,7 +85,10 @@ class Row:
         self.tokens: list[int] = []
         self.done = False
         self.finish_reason: str | None = None
-        # trace: one [kind, tokens finalised] entry per forward this row took part in.
+        # trace: one [kind, tokens kept] entry per forward this row took part in; a verifying forward
+        # (VERIFY, QUADRATIC) adds the verifier's acceptance length: [kind, kept, accepted]. Kept
+        # counts what `emit` appended (EOS / stop tokens and tokens past the budget are not kept);
+        # accepted is what the verifier decided (see trimode.decode.stats).
         self.trace: list[list] = []
 
     def __repr__(self) -> str:
@@ -144,11 +147,16 @@ class Step:
     rows: Sequence[Row] = ()
 
 
-def record(rows: Sequence[Row], kind: str, only: Sequence[bool] | None = None) -> list[int]:
-    """Count one forward for every row still decoding (and, with `only`, selected); return their indices."""
+def record(rows: Sequence[Row], kind: str, only: Sequence[bool] | None = None,
+           accepted: Sequence[int] | None = None) -> list[int]:
+    """Count one forward for every row still decoding (and, with `only`, selected); return their indices.
+
+    accepted[i], for a verifying forward, is the acceptance length the verifier decided for rows[i]
+    (accepted drafts + 1, the bonus or recovered token), before EOS, stop tokens or the budget cut the
+    emission short; it becomes the entry's third field. Call before `emit` (it credits the entry)."""
     took = [i for i, r in enumerate(rows) if not r.done and (only is None or only[i])]
     for i in took:
-        rows[i].trace.append([kind, 0])
+        rows[i].trace.append([kind, 0] if accepted is None else [kind, 0, int(accepted[i])])
     return took
 
 

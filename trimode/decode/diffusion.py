@@ -6,7 +6,10 @@ permanent) and fill masked slots chosen by the policy; the mask id is never prop
 canvas holds an EOS (or stop token) with every slot before it filled stops denoising. The finished
 block is emitted, then one causal forward over it commits its K/V and predicts the next seed.
 The prefill is counted as a forward (it produces the first seed); the trailing commit of the last
-block is skipped when no row needs another token.
+block is skipped when no row needs another token. In a batch, rows denoise their blocks together,
+but a row is charged (a DENOISE trace entry) only for the forwards in which it still had masked
+slots to fill: once its block is complete, or it stopped at its own EOS, it merely waits for the
+batch's commit forward, so its counters equal those of the row decoded alone.
 
 Sampling (docs/sampling.md; not AR-equivalent): a sampled row's seed is a sample from its processed
 distribution; at every denoising forward each of its masked slots proposes a sample from the slot's
@@ -133,8 +136,9 @@ class DiffusionDecoder(Decoder):
             # A policy may rewrite ctx.proposal (the oracle forces the AR token when nothing matches).
             canvas[:, 1:] = torch.where(fill, ctx.proposal, canvas[:, 1:])
             filled[:, 1:] |= fill
-            # Rows already finished denoising ride along in the batch but did not need this forward.
-            took_part = record(rows, DENOISE, only=denoising.tolist())
+            # Only rows with masked slots left took part: a row whose block is complete (or that
+            # stopped at its own EOS) rides along, waiting for the batch's commit, as if it had left.
+            took_part = record(rows, DENOISE, only=candidates.any(1).tolist())
             for i in took_part:
                 credit[i, 1:][fill[i].cpu()] = len(rows[i].trace) - 1
             step += 1

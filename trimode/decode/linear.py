@@ -159,7 +159,7 @@ class LinearDecoder(Decoder):
         else:
             ar = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, K)
             n_acc = accept_greedy(cur, ar)  # (B,)
-        verified = record(rows, VERIFY)
+        verified = record(rows, VERIFY, accepted=(n_acc + 1).tolist())
         out: list[list[int] | None] = [None] * B
         for i in verified:
             out[i] = rows[i].emit(ar[i, : int(n_acc[i]) + 1].tolist())

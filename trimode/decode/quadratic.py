@@ -97,29 +97,40 @@ class QuadraticDecoder(Decoder):
             draft_slots = torch.zeros(0, dtype=torch.long, device=dev)
         want = torch.cat([head_slots, draft_slots]).expand(B, -1)
         is_mask_slot = (torch.arange(K * n, device=dev) % n > 0)[None, :].expand(B, -1)
-        logits = model(tokens, positions, mask=masks.with_prefix(masks.quadratic(K, device=dev), cache.length, S),
-                       cache=cache, adapter=adapter_for(model, cfg), adapter_tokens=is_mask_slot, logits_at=want)
-        logits = exclude_mask(logits, c.mask_token_id)
+        adapter = adapter_for(model, cfg)
+        # One forward, but the output head runs only where logits are read: the K heads first; then,
+        # once verification has chosen sub-block n_ok - 1 per row, its K - 1 drafts (2K - 1 head rows
+        # instead of K + K(K - 1)).
+        h, gate = model(tokens, positions, mask=masks.with_prefix(masks.quadratic(K, device=dev), cache.length, S),
+                        cache=cache, adapter=adapter, adapter_tokens=is_mask_slot, logits_at=want, hidden=True)
+        head_logits = exclude_mask(model.head(h[:, :K]), c.mask_token_id)  # heads: base weights, no gate
+
+        def chosen_drafts(last: torch.Tensor) -> torch.Tensor:
+            """Logits (B, K-1, V) of the drafts of sub-block last[b] (B,)."""
+            idx = K + last[:, None] * (K - 1) + torch.arange(K - 1, device=dev)[None, :]  # (B, K-1) into want
+            hs = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+            gs = gate.gather(1, idx[..., None]) if gate is not None else None
+            return exclude_mask(model.head(hs, adapter=adapter, gate=gs), c.mask_token_id)
+
         sub_q = None
         if sampler.any:
             # Uniforms of tokens starts .. starts + 2K - 2: verify slots j (token starts + j) and
             # sub-block j's draft i (token starts + j + 1 + i).
             u = sampler.uniforms(starts, 2 * K - 1)
-            res = sampler.verify(drafts, logits[:, :K], u[:, :K], q)
+            res = sampler.verify(drafts, head_logits, u[:, :K], q)
             ar = res.tokens  # ar[:, :n_ok]: accepted drafts, then the recovered / bonus token
             n_ok = res.accepted + 1
             if K > 1:
-                tok_idx = j[:, None] + 1 + torch.arange(K - 1, device=dev)[None, :]  # (K, K-1)
-                sub_drafts, sub_q = sampler.choose(logits[:, K:].view(B, K, K - 1, -1), u[:, tok_idx, U_DRAFT],
-                                                   want_probs=sampler.any_rejection)
+                tok_idx = n_ok[:, None] + torch.arange(K - 1, device=dev)[None, :]  # (B, K-1): tokens j+1+i
+                u_d = u[..., U_DRAFT].gather(1, tok_idx)
+                nxt_drafts, sub_q = sampler.choose(chosen_drafts(n_ok - 1), u_d, want_probs=sampler.any_rejection)
             else:
-                sub_drafts = drafts.new_zeros(B, K, 0)
+                nxt_drafts = drafts.new_zeros(B, 0)
         else:
-            pred = logits.argmax(-1)  # (B, K + K(K-1))
-            ar = pred[:, :K]  # ar[:, j]: AR prediction after d_j
-            sub_drafts = pred[:, K:].view(B, K, K - 1)  # sub_drafts[:, j]: drafts after ar[:, j]
+            ar = head_logits.argmax(-1)  # (B, K): ar[:, j] is the AR prediction after d_j
             n_ok = accept_greedy(drafts, ar) + 1  # heads d_0 .. d_{n_ok-1} are correct
-        stepped = record(rows, QUADRATIC)
+            nxt_drafts = chosen_drafts(n_ok - 1).argmax(-1) if K > 1 else drafts.new_zeros(B, 0)
+        stepped = record(rows, QUADRATIC, accepted=n_ok.tolist())
         out: list[list[int] | None] = [None] * B
         for i in stepped:
             out[i] = rows[i].emit(ar[i, : int(n_ok[i])].tolist())
@@ -127,12 +138,7 @@ class QuadraticDecoder(Decoder):
         cache.compact(head_slots.expand(B, K), torch.where(active_mask(rows, dev), n_ok, torch.zeros_like(n_ok)))
         last = (n_ok - 1)[:, None]
         self.state["nxt"] = ar.gather(1, last).squeeze(1)
-        nxt_drafts = sub_drafts.gather(1, last[:, :, None].expand(B, 1, K - 1)).squeeze(1)
-        if sub_q is not None:
-            V = sub_q.shape[-1]
-            keep_draft_q(rows, sampler, sub_q.gather(1, last[:, :, None, None].expand(B, 1, K - 1, V)).squeeze(1))
-        else:
-            keep_draft_q(rows, sampler, None)
+        keep_draft_q(rows, sampler, sub_q)
         # Keep the state k - 1 wide (rows joining later carry k - 1 drafts); the padding is never
         # accepted unless it happens to be right, and acceptance is checked anyway.
         self.state["drafts"] = torch.cat([nxt_drafts, nxt_drafts.new_zeros(B, (k - 1) - (K - 1))], dim=1)

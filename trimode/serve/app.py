@@ -39,6 +39,9 @@ class ServerSettings:
     has_mask: bool = True
     default_mode: str = "auto"
     default_block_len: int = 8
+    # Per-mode defaults (the model's measured best, decoding.json; "auto": its speculative mode's);
+    # a mode not listed uses default_block_len.
+    block_lens: dict[str, int] = field(default_factory=dict)
     default_threshold: float = 0.9
     default_max_tokens: int = 256
     max_tokens_limit: int = 1024
@@ -204,7 +207,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
     def decoding(req: schemas._Common) -> tuple[str, int, float]:
         d = req.decoding or schemas.Decoding()
         mode = d.mode or s.default_mode
-        block_len = d.block_len if d.block_len is not None else s.default_block_len
+        block_len = d.block_len if d.block_len is not None else s.block_lens.get(mode, s.default_block_len)
         threshold = d.threshold if d.threshold is not None else s.default_threshold
         if block_len > s.max_block_len:
             raise APIError(400, f"decoding.block_len = {block_len} exceeds the server limit of {s.max_block_len}",

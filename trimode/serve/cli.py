@@ -18,11 +18,10 @@ SERVING_JSON = "serving.json"
 
 
 def model_dir(name: str) -> Path:
-    if name == "bundled":
-        from ..cli import BUNDLED
+    """A checkpoint directory, or a named model (`bundled`, `smollm2`: see trimode.models)."""
+    from ..models import resolve_model
 
-        return BUNDLED
-    return Path(name)
+    return resolve_model(name)
 
 
 def read_serving(path: Path) -> tuple[dict, str]:
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trimode serve", formatter_class=_Help,
         description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
                     "/metrics) with continuous batching and load-aware decoding-mode selection.")
-    p.add_argument("--model", required=True, help="checkpoint directory (native, NLD or HF), or 'bundled'")
+    p.add_argument("--model", required=True, help="checkpoint directory (native, NLD or HF), 'smollm2' or 'bundled'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory "
@@ -79,15 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding mode of requests that do not name one")
     g.add_argument("--spec-mode", default=None, choices=["linear", "quadratic"],
                    help=f"the speculative mode 'auto' uses at low load. Default: speculative_mode from "
-                        f"DIR/{SERVING_JSON}, else linear (faster than quadratic on the bundled model; "
-                        f"docs/serving.md)")
+                        f"DIR/{SERVING_JSON}, else speculative_mode from DIR/decoding.json, else linear")
     g.add_argument("--auto-crossover", type=int, default=None,
                    help=f"'auto' decodes speculatively while running + queued requests <= N, AR above. Default: "
                         f"auto_crossover from DIR/{SERVING_JSON} (trimode bench --write-crossover), else "
                         f"{FALLBACK_CROSSOVER}")
     g.add_argument("--block-len", type=int, default=None,
-                   help=f"diffusion block / draft length. Default: block_len from DIR/{SERVING_JSON} (the "
-                        f"configuration its crossover was measured with), else {FALLBACK_BLOCK_LEN}")
+                   help=f"diffusion block / draft length of every mode. Default: per mode, the best measured for "
+                        f"the model (DIR/decoding.json, trimode bench --write-block-lens), else block_len from "
+                        f"DIR/{SERVING_JSON}, else {FALLBACK_BLOCK_LEN}")
     g.add_argument("--threshold", type=float, default=0.9, help="diffusion confidence threshold")
     g.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens when a request omits it (capped by the context left)")
@@ -129,10 +128,11 @@ def build(args: argparse.Namespace):
     crossover = serving.get("auto_crossover", FALLBACK_CROSSOVER)
     if args.auto_crossover is not None:
         crossover, source = args.auto_crossover, "--auto-crossover"
+    explicit_block_len = args.block_len is not None
     if args.block_len is None:
         args.block_len = serving.get("block_len", FALLBACK_BLOCK_LEN)
     if args.spec_mode is None:
-        args.spec_mode = serving.get("speculative_mode", "linear")
+        args.spec_mode = serving.get("speculative_mode")
     for name in ("max_running", "max_tokens_limit", "default_max_tokens", "max_block_len", "max_body_bytes",
                  "block_len"):
         if getattr(args, name) < 1:
@@ -145,10 +145,21 @@ def build(args: argparse.Namespace):
         raise ValueError(f"{path} has no tokenizer.json; the server needs one")
     tok.check_model(model.config)
     c = model.config
+    from ..models import NAMES, best_block_len
+
+    if args.spec_mode is None:  # the model's measured faster speculative mode (decoding.json), else linear
+        args.spec_mode = model.decoding.get("speculative_mode", "linear")
+
+    # Without --block-len each mode uses the block length measured best for this model (decoding.json).
+    block_lens = {} if explicit_block_len else {
+        m: best_block_len(model, m, fallback=args.block_len) for m in ("diffusion", "linear", "quadratic")}
+    if block_lens:
+        block_lens["auto"] = block_lens[args.spec_mode]
     settings = ServerSettings(
-        model_name=args.served_model_name or path.name, context=c.max_seq_len, vocab_size=c.vocab_size,
+        model_name=args.served_model_name or (args.model if args.model in NAMES else path.name),
+        context=c.max_seq_len, vocab_size=c.vocab_size,
         has_mask=c.mask_token_id is not None, default_mode=args.mode, default_block_len=args.block_len,
-        default_threshold=args.threshold, default_max_tokens=args.default_max_tokens,
+        block_lens=block_lens, default_threshold=args.threshold, default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
         max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
     if args.mode not in ("ar", "auto") and not settings.has_mask:

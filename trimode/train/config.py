@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -33,7 +34,7 @@ class TrainConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     # -- data ---------------------------------------------------------------------------------------
-    data: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()  # files, directories, globs, "@stdlib", "@data/REL" (REL under $TRIMODE_DATA)
     exclude: tuple[str, ...] = ()
     val_data: tuple[str, ...] = ()  # explicit validation files (else whole files split off by hash)
     suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl")
@@ -117,10 +118,37 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {unknown}; known keys: {sorted(known)}")
         hints = get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
+        d = {k: _coerce(k, v, hints[k]) for k, v in d.items()}
+        for k in ("data", "val_data"):
+            if k in d:
+                d[k] = tuple(_data_path(k, s) for s in d[k])
+        return cls(**d)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+DATA_PREFIX = "@data/"  # a corpus path under the benchmark data directory (trimode.prompts.data_root)
+
+
+def _data_path(key: str, spec: str) -> str:
+    """`@data/REL` -> DATA/REL, DATA = $TRIMODE_DATA, else shared/data beside the checkout; other specs as given.
+    A missing directory or file is a ValueError that names TRIMODE_DATA."""
+    if not spec.startswith(DATA_PREFIX):
+        return spec
+    from ..prompts import data_root
+
+    rel = spec[len(DATA_PREFIX):]
+    env = os.environ.get("TRIMODE_DATA")
+    root = data_root(required=False)
+    where = f"$TRIMODE_DATA={env}" if env else "shared/data beside the checkout (the default; TRIMODE_DATA is unset)"
+    if root is None:
+        raise ValueError(f"{key} path {spec!r}: the data directory {where} does not exist; set TRIMODE_DATA to "
+                         f"the directory holding {rel}")
+    if not (root / rel).exists():
+        raise ValueError(f"{key} path {spec!r}: {root / rel} does not exist (data directory {where}); set "
+                         f"TRIMODE_DATA to the directory holding {rel}")
+    return str(root / rel)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
