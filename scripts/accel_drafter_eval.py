@@ -55,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-lens", default="8")
     p.add_argument("--modes", default="linear,quadratic")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--adapter-only", action="store_true", help="skip the runs without the adapter")
     args = p.parse_args(argv)
-    mdir = resolve_model_dir(args.model)
-    model = load_model(mdir, dtype=torch.float32)
+    from trimode.models import resolve_model
+
+    mdir = resolve_model(args.model) if args.model in ("smollm2", "bundled") else resolve_model_dir(args.model)
+    model = load_model(mdir, dtype=getattr(torch, args.dtype))
     tok = load_tokenizer(mdir)
     if args.adapter:
         load_adapter(model, args.adapter, name="draft")
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
         for mode in args.modes.split(","):
             for k in (int(v) for v in args.block_lens.split(",")):
-                for adapter in (None, "draft"):
+                for adapter in (("draft",) if args.adapter_only else (None, "draft")):
                     t0 = time.perf_counter()
                     gens = run(prompts, mode=mode, block_len=k, draft_adapter=adapter)
                     acc = [a for g in gens for a in g.stats["acceptance"]]

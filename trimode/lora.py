@@ -45,21 +45,35 @@ class AdaptableLinear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.adapters = nn.ModuleDict()
+        # Inference only: weight + scale * B A per adapter (`merge`), used when the adapter acts on
+        # every token of a call; dropped when the adapter is replaced.
+        self.merged: dict[str, torch.Tensor] = {}
 
     def forward(
         self, x: torch.Tensor, adapter: str | None = None, gate: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: (..., in). gate: optional (..., 1) 0/1 weights choosing the tokens the adapter acts on,
         so one fused forward can run drafted tokens with the adapter and verified tokens without."""
+        if adapter is not None and gate is None and adapter in self.merged:
+            return F.linear(x, self.merged[adapter])
         y = F.linear(x, self.weight)
         if adapter is not None and adapter in self.adapters:
             delta = self.adapters[adapter](x)
             y = y + (delta if gate is None else delta * gate)
         return y
 
+    def merge(self, name: str) -> None:
+        """Precompute weight + scale * B A for adapter `name` (inference: one matmul instead of three
+        per call where the adapter acts on every token; costs one more weight matrix of memory)."""
+        lora = self.adapters[name]
+        with torch.no_grad():
+            w = self.weight.float() + lora.scale * (lora.B.float() @ lora.A.float())
+        self.merged[name] = w.to(self.weight.dtype)
+
     def add_adapter(self, name: str, r: int, alpha: float, generator: torch.Generator | None = None) -> LoRA:
         lora = LoRA(self.in_features, self.out_features, r, alpha, generator=generator).to(
             device=self.weight.device, dtype=self.weight.dtype
         )
         self.adapters[name] = lora
+        self.merged.pop(name, None)
         return lora

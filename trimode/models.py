@@ -229,3 +229,13 @@ def choose_block_lens(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if spec:
         out["speculative_mode"] = max(spec, key=spec.get)
     return out
+
+
+def stored_tree_nodes(model, mode: str, block_len: int) -> int:
+    """The linear verify-tree size stored with the model (decoding.json "tree_nodes": {"linear": N}),
+    used only at the block length it was measured with; 0 (a chain) otherwise."""
+    info = getattr(model, "decoding", None) or {}
+    if mode != "linear" or info.get("block_len", {}).get("linear") != block_len:
+        return 0
+    v = info.get("tree_nodes", {}).get("linear", 0)
+    return v if isinstance(v, int) and v >= 0 else 0

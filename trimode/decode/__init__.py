@@ -110,6 +110,8 @@ def prepare(
     min_p: float = 0.0,
     seed: int | Sequence[int] | None = None,
     acceptance: str = "auto",
+    tree_nodes: int | None = None,
+    tree_branch: int = 3,
 ) -> tuple[Mode, DecodeConfig, Rows]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
@@ -117,11 +119,16 @@ def prepare(
         from ..models import best_block_len
 
         block_len = best_block_len(model, m.value, fallback=32)
+    if tree_nodes is None:  # linear: the verify tree stored with the model (decoding.json), else a chain
+        from ..models import stored_tree_nodes
+
+        tree_nodes = stored_tree_nodes(model, m.value, block_len)
     sampling = _sampling(len(prompts) if isinstance(prompts, Sequence) else 0, temperature=temperature,
                          top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, acceptance=acceptance)
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
-        draft_adapter=draft_adapter, draft_override=draft_override, policy=policy,
+        draft_adapter=draft_adapter, draft_override=draft_override, policy=policy, tree_nodes=tree_nodes,
+        tree_branch=tree_branch,
     )
     _validate(model, prompts, m, max_new_tokens, stop)
     eos = eos_id if eos_id is not None else model.config.eos_token_id

@@ -41,6 +41,8 @@ class DecodeConfig:
     draft_adapter: str | None = "draft"  # used in draft passes when the model has it
     draft_override: DraftOverride | None = field(default=None, compare=False)
     policy: object | None = field(default=None, compare=False)  # diffusion unmasking policy (overrides threshold)
+    tree_nodes: int = 0  # linear, greedy batches: verify a best-first tree of this many draft nodes (0: a chain)
+    tree_branch: int = 3  # candidates per slot when growing the tree
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -51,6 +53,10 @@ class DecodeConfig:
             raise ValueError(f"threshold must lie in [0, 1] (or be None), got {self.threshold!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps!r}")
+        if not isinstance(self.tree_nodes, int) or isinstance(self.tree_nodes, bool) or self.tree_nodes < 0:
+            raise ValueError(f"tree_nodes must be an integer >= 0, got {self.tree_nodes!r}")
+        if not isinstance(self.tree_branch, int) or isinstance(self.tree_branch, bool) or self.tree_branch < 1:
+            raise ValueError(f"tree_branch must be an integer >= 1, got {self.tree_branch!r}")
         if self.policy is not None and not callable(getattr(self.policy, "select", None)):
             raise ValueError(f"policy must have a select(conf, candidates, step, ctx) method, got {self.policy!r}")
 

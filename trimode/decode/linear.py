@@ -99,7 +99,11 @@ class LinearDecoder(Decoder):
     speculative = True
 
     def scratch(self) -> int:
-        return self.cfg.block_len
+        return max(self.cfg.block_len, self.cfg.tree_nodes + 1)
+
+    def _use_tree(self, sampler, K: int) -> bool:
+        """Tree verification (`tree.py`) runs for all-greedy batches without a draft override."""
+        return self.cfg.tree_nodes > K - 1 and K > 2 and not sampler.any and self.cfg.draft_override is None
 
     def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
         c = self.model.config
@@ -127,6 +131,8 @@ class LinearDecoder(Decoder):
         starts = [len(r.tokens) for r in rows]  # token index of drafts[:, 0] and of the verifier's slot 0
         # Rows verifying by rejection always see a full block (their q must not depend on the batch).
         K = cfg.block_len if sampler.any_rejection else min(cfg.block_len, max(r.remaining() for r in rows))
+        if self._use_tree(sampler, K):
+            return self._tree_cycle(rows, K)
         q = None
         if K > 1:
             cur = drafts[:, : K - 1]
@@ -167,6 +173,46 @@ class LinearDecoder(Decoder):
         # (it leaves the batch after this cycle anyway).
         cache.commit(torch.where(active_mask(rows, dev), n_acc + 1, torch.zeros_like(n_acc)))
         self.state["nxt"] = ar.gather(1, n_acc[:, None]).squeeze(1)
+        self.state["has_draft"] = torch.zeros_like(has_draft)
+        steps.append(Step(VERIFY, out, rows))
+        return steps
+
+    def _tree_cycle(self, rows: list[Row], K: int) -> list[Step]:
+        """One greedy cycle with a verify tree of cfg.tree_nodes draft nodes (see tree.py)."""
+        from . import tree as tr
+
+        model, cache, cfg = self.model, self.cache, self.cfg
+        c = model.config
+        dev = model.device
+        nxt, drafts, has_draft = self.state["nxt"], self.state["drafts"][:, : K - 1], self.state["has_draft"]
+        B = len(rows)
+        steps: list[Step] = []
+        need = ~has_draft  # rows that joined this cycle verify their prefill drafts as a chain
+        logp = None
+        if bool(need.any()):
+            drafted = record(rows, DRAFT, only=need.tolist())
+            logits = draft_logits(model, cache, nxt, K, adapter=adapter_for(model, cfg))
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            steps.append(Step(DRAFT, [[] if i in drafted else None for i in range(B)], rows))
+        t = tr.build(logp, drafts, need.tolist(), cfg.tree_nodes, cfg.tree_branch, pad_id=c.mask_token_id)
+        T = t.tokens.shape[1] + 1
+        tokens = torch.cat([nxt[:, None], t.tokens], dim=1)
+        offs = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), t.depth], dim=1)
+        positions = clamp_positions(cache.length[:, None] + offs, c.max_seq_len)
+        S = int(cache.length.max()) + T
+        logits = model(tokens, positions, mask=masks.with_prefix(tr.ancestor_mask(t.parent), cache.length, S),
+                       cache=cache)
+        pred = exclude_mask(logits, c.mask_token_id).argmax(-1)  # (B, T): AR token after each slot's path
+        paths, n_acc = tr.walk(t, pred, K - 1)
+        verified = record(rows, VERIFY, accepted=(n_acc + 1).tolist())
+        pl = pred.tolist()
+        out: list[list[int] | None] = [None] * B
+        for i in verified:
+            out[i] = rows[i].emit([pl[i][j] for j in paths[i]])
+        width = max(len(q) for q in paths)
+        keep = torch.tensor([q + [q[-1]] * (width - len(q)) for q in paths], device=dev)
+        cache.compact(keep, torch.where(active_mask(rows, dev), n_acc + 1, torch.zeros_like(n_acc)))
+        self.state["nxt"] = pred.gather(1, keep[torch.arange(B, device=dev), n_acc][:, None]).squeeze(1)
         self.state["has_draft"] = torch.zeros_like(has_draft)
         steps.append(Step(VERIFY, out, rows))
         return steps

@@ -1,0 +1,48 @@
+"""Copy a trained SmolLM2 draft adapter into the package (trimode/assets/smollm2/adapter/), in bfloat16.
+
+    python scripts/ship_smollm2.py --adapter runs/smol/draft_dream [--decoding MODEL_DIR/decoding.json]
+
+The adapter's tensors are cast to bfloat16 (half the bytes; `load_model` casts them to the model's
+dtype on load), its adapter_config.json is copied, and with --decoding the measured block lengths
+(`trimode bench --write-block-lens`) replace the "decoding" entry of assets/smollm2/model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ASSET = Path(__file__).resolve().parents[1] / "trimode" / "assets" / "smollm2"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", required=True, help="adapter directory written by trimode train-drafter")
+    p.add_argument("--decoding", default=None, help="decoding.json written by trimode bench --write-block-lens")
+    args = p.parse_args()
+    src = Path(args.adapter)
+    out = ASSET / "adapter"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
+    if args.decoding:
+        spec = json.loads((ASSET / "model.json").read_text())
+        dec = json.loads(Path(args.decoding).read_text())
+        spec["decoding"] = {k: dec[k] for k in ("block_len", "speculative_mode", "by_category") if k in dec}
+        (ASSET / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e6:.1f} MB, {len(tensors)} tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
