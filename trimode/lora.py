@@ -66,8 +66,9 @@ class AdaptableLinear(nn.Module):
         """Precompute weight + scale * B A for adapter `name` (inference: one matmul instead of three
         per call where the adapter acts on every token; costs one more weight matrix of memory)."""
         lora = self.adapters[name]
+        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32  # at least fp32
         with torch.no_grad():
-            w = self.weight.float() + lora.scale * (lora.B.float() @ lora.A.float())
+            w = self.weight.to(dt) + lora.scale * (lora.B.to(dt) @ lora.A.to(dt))
         self.merged[name] = w.to(self.weight.dtype)
 
     def add_adapter(self, name: str, r: int, alpha: float, generator: torch.Generator | None = None) -> LoRA:
