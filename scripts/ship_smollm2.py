@@ -31,13 +31,14 @@ def main() -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     tensors = load_file(str(src / "adapter_model.safetensors"))
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+    save_file(bf16, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
     if args.decoding:
         spec = json.loads((ASSET / "model.json").read_text())
         dec = json.loads(Path(args.decoding).read_text())
-        spec["decoding"] = {k: dec[k] for k in ("block_len", "speculative_mode", "by_category") if k in dec}
+        keys = ("block_len", "tree_nodes", "speculative_mode", "by_category")
+        spec["decoding"] = {k: dec[k] for k in keys if k in dec}
         (ASSET / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB, {len(tensors)} tensors)")

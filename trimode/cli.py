@@ -52,6 +52,7 @@ def _run_modes(model, prompts, *, modes, max_new_tokens, block_lens, threshold, 
     """Every prompt at batch 1 through every mode, interleaved (prompt by prompt, all modes back to
     back, `repeats` rounds; each (mode, prompt) keeps its fastest run), so the modes see the same load."""
     from .decode import generate
+    from .models import stored_tree_nodes
 
     def one(mode, p, n):
         t0 = time.perf_counter()
@@ -82,7 +83,8 @@ def _run_modes(model, prompts, *, modes, max_new_tokens, block_lens, threshold, 
             same = sum(t == r for t, r in zip(toks, ref))
             agree = sum(_agreement(t, r) for t, r in zip(toks, ref)) / len(ref)
         rows.append({
-            "mode": mode, "block_len": block_lens.get(mode) if mode != "ar" else None, "tokens": n, "nfe": nfe,
+            "mode": mode, "block_len": block_lens.get(mode) if mode != "ar" else None,
+            "tree_nodes": stored_tree_nodes(model, mode, block_lens.get(mode, 0)), "tokens": n, "nfe": nfe,
             "tokens_per_forward": n / nfe, "tokens_per_s": n / dt, "seconds": dt,
             "mean_acceptance": sum(acc) / len(acc) if acc else None,
             "identical_to_ar": same, "agreement_with_ar": agree, "outputs": toks,
@@ -147,7 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"model: {label} ({dt_name}, {args.threads} thread(s), load average {load})")
     print(f"{len(prompts)} {'chat ' if chat else ''}prompts, each alone (batch 1), greedy, max_new_tokens="
           f"{args.max_new_tokens}; modes interleaved prompt by prompt, fastest of {args.repeats}")
-    print(f"{'mode':<10} {'block':>5} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'tok/s':>7} {'vs ar':>6} "
+    print(f"{'mode':<10} {'block':>7} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'tok/s':>7} {'vs ar':>6} "
           f"{'accept':>6}  identical to ar")
     n = len(prompts)
     for r in rows:
@@ -159,7 +161,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 same += f" (token agreement {r['agreement_with_ar']:.0%})"
         acc = f"{r['mean_acceptance']:.2f}" if r["mean_acceptance"] else "-"
         blk = "-" if r["block_len"] is None else str(r["block_len"])
-        print(f"{r['mode']:<10} {blk:>5} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
+        if r["tree_nodes"]:
+            blk += f"/t{r['tree_nodes']}"
+        print(f"{r['mode']:<10} {blk:>7} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
               f"{r['tokens_per_s']:>7.1f} {r['speedup_vs_ar']:>5.2f}x {acc:>6}  {same}")
     spec = [r for r in rows if r["mode"] in ("linear", "quadratic")]
     if tok is not None and spec:
@@ -203,6 +207,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     ids = tok.encode(text)
     block_len = best_block_len(model, args.mode) if args.block_len is None else args.block_len
+    tree_nodes = args.tree_nodes
+    if tree_nodes is None:
+        from .models import stored_tree_nodes
+
+        tree_nodes = stored_tree_nodes(model, args.mode, block_len)
     policy = None
     if args.policy == "learned":  # issue 7: the trained unmasking sampler (trimode train-sampler)
         from .decode.learned import LearnedPolicy, load_sampler
@@ -215,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mode, cfg, rows = prepare(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens,
                               block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              seed=args.seed, acceptance=args.acceptance)
+                              seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes)
     stream = tok.stream()
     t0 = time.perf_counter()
     for step in run(model, mode, cfg, rows):  # print text as each forward finalises it
@@ -227,7 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     st = g.stats
     if args.json:
         print(json.dumps({"text": out, "tokens": g.tokens, "finish_reason": g.finish_reason, "seconds": dt,
-                          "tokens_per_s": len(g.tokens) / dt, "block_len": block_len,
+                          "tokens_per_s": len(g.tokens) / dt, "block_len": block_len, "tree_nodes": tree_nodes,
                           **{k: st[k] for k in ("mode", "nfe", "nfe_decode", "tpf", "tpf_decode", "forwards",
                                                 "mean_acceptance", "temperature", "seed", "acceptance_rule")}}))
         return 0
@@ -270,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-len", type=int, default=None,
                    help="default: the model's measured best for the mode (decoding.json), else its block_len")
     g.add_argument("--threshold", type=float, default=0.9)
+    g.add_argument("--tree-nodes", type=int, default=None,
+                   help="linear, greedy: verify a best-first tree of N draft nodes (0: a chain; default: the "
+                        "model's decoding.json at its block length, else 0)")
     g.add_argument("--policy", default="threshold", choices=["threshold", "learned"],
                    help="diffusion unmasking: confidence threshold, or the learned sampler scored against --threshold")
     g.add_argument("--sampler", default=None, help="learned sampler dir (default: MODEL/sampler)")

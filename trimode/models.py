@@ -215,7 +215,10 @@ def choose_block_lens(runs: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         best = max(rs, key=lambda r: r["tokens_per_s"])
         out["block_len"][m] = best["block_len"]
-        out["tokens_per_s"][m] = {str(r["block_len"]): round(r["tokens_per_s"], 3) for r in rs}
+        if best.get("tree_nodes"):
+            out.setdefault("tree_nodes", {})[m] = best["tree_nodes"]
+        out["tokens_per_s"][m] = {r["config"] if "config" in r else str(r["block_len"]): round(r["tokens_per_s"], 3)
+                                  for r in rs}
         cats = {c for r in rs for c in r.get("categories", {})}
         for c in sorted(cats):
             rc = [r for r in rs if r.get("categories", {}).get(c, {}).get("tokens_per_s")]

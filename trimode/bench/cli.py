@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=None, help="write PNG plots as PREFIX_*.png")
     p.add_argument("--sweep", type=_ints, default=None, help="batch sizes for the ar / speculative crossover sweep")
     p.add_argument("--write-crossover", action="store_true", help="write auto_crossover to MODEL/serving.json")
+    p.add_argument("--tree-nodes", type=_ints, default=[],
+                   help="linear: also run verify trees of these many draft nodes at every block length")
     p.add_argument("--write-block-lens", action="store_true",
                    help="write the fastest block length per mode (and per category where it differs) and the "
                         "faster speculative mode to MODEL/decoding.json, which demo, generate and serve read")
@@ -213,6 +215,8 @@ def make_configs(args: argparse.Namespace, model) -> list:
         for m in ("linear", "quadratic"):
             if m in args.modes:
                 configs.append(Config(m, k))
+        if "linear" in args.modes and k > 2:
+            configs += [Config("linear", k, tree_nodes=n) for n in args.tree_nodes if n > k - 1]
     return configs
 
 

@@ -34,6 +34,7 @@ class Config:
     block_len: int = 1
     threshold: float | None = None
     policy: str = "threshold"
+    tree_nodes: int = 0  # linear: a verify tree of this many draft nodes (0: a chain)
 
     @property
     def label(self) -> str:
@@ -43,7 +44,7 @@ class Config:
             if self.policy == "oracle":
                 return f"sol k={self.block_len}"
             return f"diffusion k={self.block_len} t={self.threshold}"
-        return f"{self.mode} k={self.block_len}"
+        return f"{self.mode} k={self.block_len}" + (f" tree{self.tree_nodes}" if self.tree_nodes else "")
 
     @property
     def speculative(self) -> bool:
@@ -122,7 +123,7 @@ def decode_batch(
         opts["policy"] = oracle_policy(reference)
     mode, cfg, rows = prepare(
         timed, [list(p.tokens) for p in prompts], mode=config.mode, max_new_tokens=max_new_tokens,
-        block_len=config.block_len, threshold=config.threshold, eos_id=eos_id, **opts,
+        block_len=config.block_len, threshold=config.threshold, eos_id=eos_id, tree_nodes=config.tree_nodes, **opts,
     )
     start = len(timed.calls)
     forwards = 0

@@ -505,7 +505,8 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         prompts = train_prompts(mdir, tok, cfg.prompts, n=cfg.n_prompts, prompt_len=cfg.prompt_len, seed=cfg.seed)
         log(f"{len(prompts)} training prompts; generating AR greedy continuations of {cfg.new_tokens} tokens "
             f"({cfg.gen_dtype or cfg.dtype})")
-        gen_model = model if cfg.gen_dtype in (None, cfg.dtype) else load_model(mdir, dtype=getattr(torch, cfg.gen_dtype))
+        gen_model = (model if cfg.gen_dtype in (None, cfg.dtype)
+                     else load_model(mdir, dtype=getattr(torch, cfg.gen_dtype)))
         seqs = ar_continuations(gen_model, prompts, new=cfg.new_tokens, eos_id=c.eos_token_id, batch=cfg.gen_batch,
                                 pad_id=c.pad_token_id if c.pad_token_id is not None else 0, log=log)
         if cfg.data_cache:
@@ -578,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
     p.add_argument("--gen-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="dtype of the model that writes the AR targets (default float32; bfloat16 is ~4x faster on CPU)")
+                   help="dtype of the model writing the AR targets (default float32; bfloat16 is ~4x faster on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--data-cache", default=None, help="save / reuse the AR continuations (.pt)")
@@ -597,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         rank=args.rank, alpha=args.alpha, block_lens=_ints(args.block_len), steps=args.steps, batch=args.batch,
         blocks_per_seq=args.blocks_per_seq, lr=args.lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
         prompts=tuple(args.prompts), n_prompts=args.n_prompts, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, gen_dtype=args.gen_dtype, seed=args.seed,
+        new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, gen_dtype=args.gen_dtype,
+        seed=args.seed,
         log_every=args.log_every, data_cache=args.data_cache, save_every=args.save_every,
         resume=not args.no_resume,
     )
