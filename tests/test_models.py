@@ -152,3 +152,14 @@ def test_choose_block_lens_and_best_block_len(tmp_path):
     assert models.best_block_len(M(), "ar") == 32  # nothing stored: the config's
     with pytest.raises(ValueError, match="neither a directory"):
         models.resolve_model(tmp_path / "nope")
+
+
+def test_write_decoding_merges_modes(tmp_path):
+    models.write_decoding(tmp_path, {"block_len": {"linear": 8, "diffusion": 4}, "tree_nodes": {"linear": 16},
+                                     "by_category": {"chat": {"diffusion": 8}}})
+    models.write_decoding(tmp_path, {"block_len": {"diffusion": 6}, "by_category": {}})
+    got = models.read_decoding(tmp_path)
+    assert got["block_len"] == {"linear": 8, "diffusion": 6} and got["tree_nodes"] == {"linear": 16}
+    assert got["by_category"] == {}  # the re-measured mode's old category entry is gone
+    models.write_decoding(tmp_path, {"block_len": {"linear": 4}})
+    assert models.read_decoding(tmp_path)["tree_nodes"] == {}  # a chain winner drops the old tree

@@ -188,12 +188,31 @@ def best_block_len(model, mode: str, *, category: str | None = None, fallback: i
 
 
 def write_decoding(model_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
-    """Replace MODEL/decoding.json with `info` (atomically)."""
+    """Merge `info` into MODEL/decoding.json (atomically): the modes it measured replace theirs,
+    other modes keep what an earlier measurement stored."""
     import tempfile
 
     d = Path(model_dir)
     if not d.is_dir():
         raise ValueError(f"model directory {d} does not exist")
+    old = read_decoding(d)
+    merged = {**old, **info}
+    for key in ("block_len", "tree_nodes", "tokens_per_s"):
+        if key in old or key in info:
+            merged[key] = {**old.get(key, {}), **info.get(key, {})}
+    if "linear" in info.get("block_len", {}) and "linear" not in info.get("tree_nodes", {}):
+        merged.get("tree_nodes", {}).pop("linear", None)  # a chain won this time: drop an older tree
+    by_cat = dict(old.get("by_category", {}))
+    for c, v in info.get("by_category", {}).items():
+        by_cat[c] = {**by_cat.get(c, {}), **v}
+    for c in list(by_cat):  # a category entry for a re-measured mode that no longer differs goes
+        by_cat[c] = {m: k for m, k in by_cat[c].items()
+                     if m not in info.get("block_len", {}) or c in info.get("by_category", {}) and
+                     m in info["by_category"][c]}
+        if not by_cat[c]:
+            del by_cat[c]
+    merged["by_category"] = by_cat
+    info = merged
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".decoding.", suffix=".json")
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(info, indent=2) + "\n")

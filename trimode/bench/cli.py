@@ -216,7 +216,8 @@ def make_configs(args: argparse.Namespace, model) -> list:
             if m in args.modes:
                 configs.append(Config(m, k))
         if "linear" in args.modes and k > 2:
-            configs += [Config("linear", k, tree_nodes=n) for n in args.tree_nodes if n > k - 1]
+            room = sum(3 ** d for d in range(1, k))  # nodes a tree of branch 3 can hold over k - 1 slots
+            configs += [Config("linear", k, tree_nodes=n) for n in args.tree_nodes if k - 1 < n <= room]
     return configs
 
 
