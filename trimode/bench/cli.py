@@ -174,11 +174,11 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 # -- model benchmark --------------------------------------------------------------------------------
 def load(args: argparse.Namespace):
     from ..checkpoint import load_model
-    from ..models import resolve_model
+    from ..models import for_inference, resolve_model
     from ..tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
-    model = load_model(path, dtype=_dtype(args.dtype), device=args.device)
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype), device=args.device))
     tok = load_tokenizer(path)
     if tok is not None:
         tok.check_model(model.config)

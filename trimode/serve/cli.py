@@ -139,7 +139,9 @@ def build(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
-    model = load_model(path, dtype=_dtype(args.dtype), device=args.device)
+    from ..models import for_inference
+
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype), device=args.device))
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; the server needs one")
