@@ -121,6 +121,10 @@ def ensure_smollm2(*, cache: Path | None = None, log=None) -> Path:
     d = (cache or cache_root()) / spec["cache_name"]
     if _stamp_ok(d, want):
         return d
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("converting SmolLM2 needs the gguf package: pip install gguf (or pip install 'trimode[gguf]')")
     why = "not converted yet" if not d.exists() else "incomplete or from another version: converting again"
     say(f"smollm2: {d} {why} (one time, from {gguf})")
     sha = _sha256(gguf)
