@@ -145,7 +145,12 @@ def write_smollm2(d: Path, gguf: Path, spec: dict[str, Any], *, stamp: dict[str,
     from .checkpoint import ADAPTERS_DIR
     from .convert import convert_gguf
 
+    import time
+
     d.parent.mkdir(parents=True, exist_ok=True)
+    for stale in d.parent.glob(f".{d.name}.tmp-*"):  # left by a conversion that was killed (not a running one)
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     if d.exists() and not (d / "config.json").is_file():
         shutil.rmtree(d)  # a leftover that is not a checkpoint (nothing of the user's: it is our cache name)
     with atomic_dir(d, marker="config.json") as tmp:

@@ -21,7 +21,6 @@ import torch
 from ..decode import FORWARD_KINDS
 from .suites import CATEGORIES, Prompt
 
-BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "bundled"
 MODES = ("ar", "diffusion", "linear", "quadratic")
 
 
