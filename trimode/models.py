@@ -141,11 +141,11 @@ def ensure_smollm2(*, cache: Path | None = None, log=None) -> Path:
 def write_smollm2(d: Path, gguf: Path, spec: dict[str, Any], *, stamp: dict[str, Any], log) -> None:
     """Convert `gguf` into `d` (atomically): base weights in float32, `spec`'s tri-mode settings,
     the shipped adapter under adapters/draft/, decoding.json, and the stamp last."""
+    import time
+
     from ._io import atomic_dir
     from .checkpoint import ADAPTERS_DIR
     from .convert import convert_gguf
-
-    import time
 
     d.parent.mkdir(parents=True, exist_ok=True)
     for stale in d.parent.glob(f".{d.name}.tmp-*"):  # left by a conversion that was killed (not a running one)
