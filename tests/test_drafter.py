@@ -211,3 +211,33 @@ def test_train_drafter_rejects_bad_settings(flag, value, capsys):
 
     assert main(["--model", "bundled", "--out", "/nonexistent/x", flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_init_adapter_continues_from_a_trained_adapter(tmp_path):
+    """--init-adapter warm-starts from an adapter: its first step's loss is the loss the first run ended
+    near (not a fresh adapter's), it keeps that adapter's shape, and conflicting flags are refused."""
+    from trimode.train.drafter import train_drafter
+
+    base = dict(model="bundled", n_prompts=8, new_tokens=12, gen_batch=8, batch=4, blocks_per_seq=4,
+                block_lens=(4,), save_every=0, log_every=1, lr=5e-3, warmup=1,
+                data_cache=str(tmp_path / "data.pt"), targets=("o_proj", "down_proj"), rank=4)
+    quiet = lambda s: None  # noqa: E731
+    first = train_drafter(DrafterConfig(out=str(tmp_path / "a"), steps=12, **base), log=quiet)
+    fresh = json.loads((tmp_path / "a" / "training.json").read_text())["history"][0]["loss"]
+    warm = dict(base, targets=("o_proj",), rank=None)  # flags left at their defaults take the adapter's
+    lines = []
+    res = train_drafter(DrafterConfig(out=str(tmp_path / "b"), steps=2, init_adapter=str(tmp_path / "a"),
+                                      **warm), log=lines.append)
+    assert any("initialised the draft adapter from" in s for s in lines)
+    assert res["r"] == 4 and sorted(res["targets"]) == ["down_proj", "o_proj"]
+    again = json.loads((tmp_path / "b" / "training.json").read_text())["history"][0]["loss"]
+    assert again < 0.8 * fresh, (again, fresh, first["last"]["loss"])
+    with pytest.raises(ValueError, match="--rank 8 differs"):
+        train_drafter(DrafterConfig(out=str(tmp_path / "c"), steps=1, init_adapter=str(tmp_path / "a"),
+                                    **dict(warm, rank=8)), log=quiet)
+    with pytest.raises(ValueError, match="--targets"):
+        train_drafter(DrafterConfig(out=str(tmp_path / "c"), steps=1, init_adapter=str(tmp_path / "a"),
+                                    **dict(warm, targets=("q_proj",))), log=quiet)
+    with pytest.raises(ValueError, match="not a directory"):
+        train_drafter(DrafterConfig(out=str(tmp_path / "c"), steps=1, init_adapter=str(tmp_path / "nope"),
+                                    **warm), log=quiet)

@@ -352,6 +352,7 @@ class DrafterConfig:
     data_cache: str | None = None  # a .pt of the AR continuations, reused when it exists
     save_every: int = 50  # write the adapter + trainer state every N steps (0: only at the end)
     resume: bool = True  # continue from OUT/trainer_state.pt when an interrupted run left one
+    init_adapter: str | None = None  # start from this adapter's weights (its targets, rank, alpha)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -365,6 +366,39 @@ def reinit_adapter(model: torch.nn.Module, name: str, *, seed: int) -> None:
                 p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
             elif f".adapters.{name}.B" in mod_name:
                 p.zero_()
+
+
+def init_from_adapter(model: torch.nn.Module, path: Path, cfg: DrafterConfig
+                      ) -> tuple[tuple[str, ...], int, float, str]:
+    """Attach the adapter in `path` as the draft adapter to train further (a warm start: fresh optimizer
+    and schedule). Its targets, rank and alpha are the run's; --targets/--rank/--alpha, when given,
+    must agree. Returns (targets, rank, alpha, sha256 of its weights) for the resume check."""
+    import hashlib
+
+    from ..peft import ADAPTER_WEIGHTS, load_adapter, read_adapter_config
+
+    if not path.is_dir():
+        raise ValueError(f"--init-adapter {path} is not a directory")
+    acfg = read_adapter_config(path)
+    rank, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    targets = acfg.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"--init-adapter {path}: target_modules must be a list of names, got {targets!r}")
+    targets = tuple(sorted(targets))
+    given = tuple(sorted(cfg.targets))
+    if given != ("o_proj",) and given != targets:  # o_proj: the flag's default, i.e. not given
+        raise ValueError(f"--targets {','.join(cfg.targets)} differ from --init-adapter's {','.join(targets)}")
+    for flag, mine, theirs in (("--rank", cfg.rank, rank), ("--alpha", cfg.alpha, alpha)):
+        if mine is not None and float(mine) != float(theirs):
+            raise ValueError(f"{flag} {mine:g} differs from --init-adapter's {theirs:g}")
+    load_adapter(model, path, name=DRAFT)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    with torch.no_grad():  # train in the model's dtype, whatever the file stored
+        for n, p in model.named_parameters():
+            if f".adapters.{DRAFT}." in n and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    sha = hashlib.sha256((path / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+    return targets, rank, alpha, sha
 
 
 def default_rank(hidden: int) -> int:
@@ -483,22 +517,28 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         raise ValueError("the model has no mask token: it cannot draft")
     for p in model.parameters():
         p.requires_grad_(False)
-    rank = cfg.rank or default_rank(c.hidden_size)
-    alpha = cfg.alpha if cfg.alpha is not None else 4.0 * rank
     if DRAFT in model.adapter_names():
-        log(f"note: {mdir} already has a draft adapter; training a fresh one in its place")
-    model.add_adapter(DRAFT, targets=tuple(cfg.targets), r=rank, alpha=alpha)
-    reinit_adapter(model, DRAFT, seed=cfg.seed)
+        log(f"note: {mdir} already has a draft adapter; training a {'new' if cfg.init_adapter else 'fresh'} "
+            "one in its place")
+    if cfg.init_adapter:
+        targets, rank, alpha, init_sha = init_from_adapter(model, Path(cfg.init_adapter), cfg)
+        log(f"initialised the draft adapter from {cfg.init_adapter}")
+    else:
+        targets, init_sha = tuple(cfg.targets), None
+        rank = cfg.rank or default_rank(c.hidden_size)
+        alpha = cfg.alpha if cfg.alpha is not None else 4.0 * rank
+        model.add_adapter(DRAFT, targets=targets, r=rank, alpha=alpha)
+        reinit_adapter(model, DRAFT, seed=cfg.seed)
     params = [p for n, p in model.named_parameters() if f".adapters.{DRAFT}." in n]
     for p in params:
         p.requires_grad_(True)
     n_params = sum(p.numel() for p in params)
     log(f"model {mdir}: {sum(p.numel() for p in model.parameters()) - n_params:,} frozen params; "
-        f"LoRA {DRAFT!r} on {list(cfg.targets)} r={rank} alpha={alpha:g}: {n_params:,} trainable")
+        f"LoRA {DRAFT!r} on {list(targets)} r={rank} alpha={alpha:g}: {n_params:,} trainable")
 
     model.eval()
     if cfg.data_cache and Path(cfg.data_cache).exists():
-        seqs = Sequences(**torch.load(cfg.data_cache))
+        seqs = Sequences(**torch.load(cfg.data_cache, weights_only=True))
         log(f"{len(seqs.tokens)} self-distillation sequences from {cfg.data_cache}")
         prompts = seqs.tokens  # only counted below
     else:
@@ -513,7 +553,7 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
             Path(cfg.data_cache).parent.mkdir(parents=True, exist_ok=True)
             torch.save(vars(seqs), cfg.data_cache)
     # Resuming: the settings that shape the run must match the interrupted one.
-    settings = {"model": str(mdir.resolve()), "targets": list(cfg.targets), "r": rank, "alpha": float(alpha),
+    settings = {"model": str(mdir.resolve()), "targets": list(targets), "r": rank, "init_adapter": init_sha, "alpha": float(alpha),
                 "block_lens": list(cfg.block_lens), "steps": cfg.steps, "batch": cfg.batch,
                 "blocks_per_seq": cfg.blocks_per_seq, "lr": cfg.lr, "warmup": cfg.warmup,
                 "kl_weight": cfg.kl_weight, "ce_weight": cfg.ce_weight, "seed": cfg.seed, "bf16": cfg.bf16,
@@ -542,7 +582,7 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
     history = fit_drafter(model, seqs, cfg, params=params, log=log, state=state, checkpoint=checkpoint)
     model.eval()
     save_adapter(model, DRAFT, out)  # the finished adapter replaces the last periodic one (and its state)
-    meta = {"model": str(mdir), "targets": list(cfg.targets), "r": rank, "alpha": alpha,
+    meta = {"model": str(mdir), "init_adapter": cfg.init_adapter, "targets": list(targets), "r": rank, "alpha": alpha,
             "trainable_params": n_params, "steps": cfg.steps, "block_lens": list(cfg.block_lens),
             "prompts": len(prompts), "new_tokens": cfg.new_tokens, "kl_weight": cfg.kl_weight,
             "ce_weight": cfg.ce_weight, "lr": cfg.lr, "batch": cfg.batch, "blocks_per_seq": cfg.blocks_per_seq,
@@ -587,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the adapter and the trainer state every N steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if OUT holds the state of an interrupted run")
+    p.add_argument("--init-adapter", default=None,
+                   help="continue training from this adapter dir (its targets, rank and alpha; new optimizer)")
     p.add_argument("--json", action="store_true", help="print a JSON summary line at the end")
     return p
 
@@ -601,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, gen_dtype=args.gen_dtype,
         seed=args.seed,
         log_every=args.log_every, data_cache=args.data_cache, save_every=args.save_every,
-        resume=not args.no_resume,
+        resume=not args.no_resume, init_adapter=args.init_adapter,
     )
     try:
         res = train_drafter(cfg, log=lambda s: print(s, file=sys.stderr if args.json else sys.stdout, flush=True))
