@@ -70,7 +70,26 @@ def test_demo_json(capsys):
     assert set(by_mode) == {"ar", "diffusion", "linear", "quadratic"}
     n = res["prompts"]
     assert by_mode["linear"]["identical_to_ar"] == n and by_mode["quadratic"]["identical_to_ar"] == n
-    assert by_mode["ar"]["speedup_vs_ar"] == 1.0
+    assert by_mode["ar"]["speedup_vs_ar"] == 1.0 and by_mode["ar"]["forward_cost_vs_ar"] == 1.0
+    for r in res["results"]:  # the printed identity: speed-up = tokens per forward / forward cost
+        assert r["speedup_vs_ar"] == pytest.approx(
+            r["tokens_per_forward"] / r["forward_cost_vs_ar"] / by_mode["ar"]["tokens_per_forward"])
+
+
+def test_dtype_flags_share_one_table(monkeypatch):
+    from trimode import dtypes
+
+    assert dtypes.parse_dtype("bf16") is torch.bfloat16 and dtypes.parse_dtype("float32") is torch.float32
+    assert dtypes.parse_dtype(None) is None and dtypes.parse_dtype("stored") is None
+    assert dtypes.parse_dtype("auto", device="cuda") is torch.bfloat16
+    monkeypatch.setattr(dtypes, "cpu_has_fast_bf16", lambda: False)
+    assert dtypes.parse_dtype("auto") is torch.float32 and "no native bf16" in dtypes.auto_reason()
+    monkeypatch.setattr(dtypes, "cpu_has_fast_bf16", lambda: True)
+    assert dtypes.parse_dtype("auto") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        dtypes.parse_dtype("int8")
+    with pytest.raises(ValueError, match="not supported here"):
+        dtypes.parse_dtype("float64", allowed=(torch.float32, torch.bfloat16))
 
 
 def test_bf16_decoding_runs_and_matches_fp32_logits():

