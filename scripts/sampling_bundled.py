@@ -28,8 +28,8 @@ import time
 import torch
 
 from trimode import generate
+from trimode.bench.chi2 import chi2_sf, chi2_two_sample
 from trimode.cli import load_bundled
-from trimode.sampling import chi2_sf, chi2_two_sample
 
 DEMO = [
     "def fibonacci(n):",

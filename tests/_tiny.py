@@ -32,7 +32,7 @@ class Oracle:
 
     drafts[b, i] is the proposal for generated token number len(rows[b].tokens) + i of the row in
     batch position b, whose reference is reference[rows[b].index] (see
-    trimode.decode.common.DraftOverride). `never`: every proposal wrong; `always`: every one right.
+    trimode.decode.DraftOverride). `never`: every proposal wrong; `always`: every one right.
     """
 
     def __init__(self, reference: list[list[int]], vocab: int, mask_id: int, wrong=lambda pos: False) -> None:

@@ -101,17 +101,17 @@ def test_oracle_policy_reproduces_ar_and_bounds_the_threshold_policy(model):
 def test_diffusion_steps_name_exactly_the_rows_in_each_forward(model):
     """Participation read from the Steps equals each row's own forward count (EMIT Steps run no forward)."""
     from trimode.decode import prepare, run
-    from trimode.decode.common import EMIT
+    from trimode.decode.rows import EMIT
 
     m, cfg, rows = prepare(model, PROMPTS[:3], mode="diffusion", max_new_tokens=9, block_len=4, threshold=0.9)
-    rows.rows[1].max_new_tokens = 4  # finishes a block earlier than the others
-    seen = [0] * rows.size
-    emitted = [[] for _ in range(rows.size)]
+    rows[1].max_new_tokens = 4  # finishes a block earlier than the others
+    seen = [0] * len(rows)
+    emitted = [[] for _ in range(len(rows))]
     for step in run(model, m, cfg, rows):
         for b, toks in enumerate(step.new_tokens):
             if toks is not None and step.kind != EMIT:
                 seen[b] += 1
             if toks:
                 emitted[b] += toks
-    assert seen == [len(r.trace) for r in rows.rows]
-    assert emitted == [r.tokens for r in rows.rows]
+    assert seen == [len(r.trace) for r in rows]
+    assert emitted == [r.tokens for r in rows]

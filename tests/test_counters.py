@@ -11,7 +11,7 @@ from _tiny import PROMPTS, Oracle, tiny_model
 
 from trimode.decode import DecodeConfig, Row, generate, make_decoder
 from trimode.decode import Oracle as OraclePolicy
-from trimode.decode.common import DENOISE, QUADRATIC, VERIFY
+from trimode.decode.rows import DENOISE, QUADRATIC, VERIFY
 
 N = 24
 K = 4
@@ -189,7 +189,7 @@ def _step_level(model, budgets, *, max_new_tokens, block_len, threshold, **kw):
 
     m, cfg, rows = prepare(model, PROMPTS, mode="diffusion", max_new_tokens=max_new_tokens, block_len=block_len,
                            threshold=threshold, **kw)
-    for r, n in zip(rows.rows, budgets):
+    for r, n in zip(rows, budgets):
         r.max_new_tokens = n
     for _ in run(model, m, cfg, rows):
         pass

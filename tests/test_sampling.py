@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trimode.bench.chi2 import chi2_goodness_of_fit, chi2_sf, chi2_two_sample
 from trimode.sampling import (
     N_STREAMS,
     U_DRAFT,
@@ -28,9 +29,6 @@ from trimode.sampling import (
     accept,
     accept_match,
     accept_rejection,
-    chi2_goodness_of_fit,
-    chi2_sf,
-    chi2_two_sample,
     process_logits,
     resolve_rule,
     sample,

@@ -16,7 +16,7 @@ import torch
 from _tiny import PROMPTS, Oracle, tiny_model
 
 from trimode import generate, sampling
-from trimode.sampling import chi2_sf, chi2_two_sample
+from trimode.bench.chi2 import chi2_sf, chi2_two_sample
 
 ALPHA = 1e-3
 N_SAMPLES = 2000

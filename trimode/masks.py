@@ -3,7 +3,7 @@
 Inference masks are built in two parts: an *inner* (T, T) pattern among the T new tokens of a
 forward, and `with_prefix`, which places that pattern after each row's committed cache prefix so
 the result is a (B, T, S) mask over cache slots. The training mask (`dual_stream`) is one (2L, 2L)
-matrix over the concatenated noisy and clean streams (nld-spec section 3.2).
+matrix over the concatenated noisy and clean streams (docs/design-notes.md §3).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def bidirectional(T: int, *, device: torch.device | str | None = None) -> torch.
 
 
 def quadratic(k: int, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """(k(k+1), k(k+1)) mask of the fused draft+verify forward (nld-spec section 9.3).
+    """(k(k+1), k(k+1)) mask of the fused draft+verify forward (docs/design-notes.md §7).
 
     Sub-block j is [d_j, MASK x k]. Every query sees the heads d_0..d_j of sub-blocks up to its own;
     a mask query also sees all of its own sub-block (bidirectionally). A head therefore sees only
@@ -85,7 +85,7 @@ def segments(
 
 
 def dual_stream(L: int, block_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """(2L, 2L) training mask over [x_t ; x_0] (noisy stream first), nld-spec section 3.2.
+    """(2L, 2L) training mask over [x_t ; x_0] (noisy stream first), docs/design-notes.md §3.
 
     - noisy query, noisy key: same block (bidirectional inside the block);
     - noisy query, clean key: the key's block is strictly before the query's block;

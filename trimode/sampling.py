@@ -344,71 +344,6 @@ def accept(
     )
 
 
-# --- statistics helpers (tests and scripts; no scipy needed) -----------------------------------
-
-
-def chi2_sf(stat: float, df: int) -> float:
-    """Survival function of the chi-square distribution: P(X >= stat), X ~ chi2(df)."""
-    if df <= 0:
-        return 1.0
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
-def chi2_goodness_of_fit(counts: torch.Tensor, probs: torch.Tensor, *, min_expected: float = 5.0) -> tuple[float, int]:
-    """Pearson statistic and degrees of freedom of observed `counts` (V,) against `probs` (V,).
-
-    Cells with expected count below `min_expected` are pooled into one cell (dropped if that pool is
-    still below it, with its counts checked separately by the caller if it matters). An observation
-    in a cell of probability 0 makes the statistic infinite.
-    """
-    counts = counts.to(torch.float64)
-    probs = probs.to(torch.float64) / probs.sum()
-    n = counts.sum()
-    if bool(((probs == 0) & (counts > 0)).any()):
-        return float("inf"), max(int((probs > 0).sum()) - 1, 1)
-    exp = probs * n
-    big = exp >= min_expected
-    obs_cells = [counts[big]]
-    exp_cells = [exp[big]]
-    small_exp = exp[~big].sum()
-    if small_exp >= min_expected:
-        obs_cells.append(counts[~big].sum()[None])
-        exp_cells.append(small_exp[None])
-    o, e = torch.cat(obs_cells), torch.cat(exp_cells)
-    if o.numel() < 2:
-        return 0.0, 0
-    # Rescale to the kept cells so dropped tiny cells do not bias the statistic.
-    e = e * (o.sum() / e.sum())
-    return float(((o - e) ** 2 / e).sum()), int(o.numel() - 1)
-
-
-def chi2_two_sample(a: torch.Tensor, b: torch.Tensor, *, min_expected: float = 5.0) -> tuple[float, int]:
-    """Chi-square test of homogeneity of two count vectors over the same categories (V,).
-
-    Categories whose pooled expected count (under homogeneity) is below `min_expected` in either
-    sample are pooled into one. Returns (statistic, degrees of freedom).
-    """
-    a, b = a.to(torch.float64), b.to(torch.float64)
-    na, nb = a.sum(), b.sum()
-    tot = a + b
-    ea, eb = tot * na / (na + nb), tot * nb / (na + nb)
-    big = (ea >= min_expected) & (eb >= min_expected)
-    ca, cb = [a[big]], [b[big]]
-    if bool((~big).any()):
-        ca.append(a[~big].sum()[None])
-        cb.append(b[~big].sum()[None])
-    A, Bc = torch.cat(ca), torch.cat(cb)
-    T = A + Bc
-    keep = T > 0
-    A, Bc, T = A[keep], Bc[keep], T[keep]
-    if T.numel() < 2:
-        return 0.0, 0
-    EA, EB = T * na / (na + nb), T * nb / (na + nb)
-    stat = ((A - EA) ** 2 / EA).sum() + ((Bc - EB) ** 2 / EB).sum()
-    return float(stat), int(T.numel() - 1)
-
-
 # --- what a decoder needs per step ---------------------------------------------------------------
 
 
@@ -463,10 +398,31 @@ class BatchSampler:
         tok = torch.where(self.sampled.view(view), sample(probs, u), greedy_tok)
         return tok, (probs if want_probs else None)
 
+    def propose(self, logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Diffusion proposals for masked logits (B, n, V): (proposal, confidence, probs), each (B, n)
+        but probs (B, n, V). Greedy rows propose the argmax, confident as its softmax probability;
+        sampled rows a sample (uniforms u (B, n)) of the processed distribution, confident as the
+        sample's processed probability (probs: the distribution each proposal came from)."""
+        probs = logits.float().softmax(-1)
+        conf, proposal = probs.max(-1)
+        if not self.any:
+            return proposal, conf, probs
+        sp = self.probs(logits)
+        drawn = sample(sp, u)
+        pick = self.sampled[:, None]
+        proposal = torch.where(pick, drawn, proposal)
+        conf = torch.where(pick, sp.gather(-1, drawn[..., None]).squeeze(-1).to(conf.dtype), conf)
+        return proposal, conf, torch.where(pick[..., None], sp.to(probs.dtype), probs)
+
     def verify(self, drafts: torch.Tensor, logits: torch.Tensor, u: torch.Tensor,
                q: torch.Tensor | None = None) -> Acceptance:
         """Acceptance for every row: drafts (B, n), masked verifier logits (B, n + 1, V) (slot i
         predicts the token drafts[:, i] proposes; slot n the bonus), u (B, n + 1, N_STREAMS), q (B, n, V)
-        the drafts' recorded processed distributions (needed for rows using rejection)."""
+        the drafts' recorded processed distributions (needed for rows using rejection). When no row
+        samples this is greedy verification: the verifier's argmax, accepted while it equals the draft."""
+        if not self.any:
+            tokens = logits.argmax(-1)
+            accepted = _prefix_len(tokens[:, : drafts.shape[1]] == drafts)
+            return Acceptance(accepted, tokens, accepted < drafts.shape[1])
         p = self.probs(logits)
         return accept(drafts, p, u, q=q, rejection=self.rejection if q is not None else None)

@@ -1,4 +1,4 @@
-"""Metrics, identical for every mode, from a `RunResult` (anchors.md section 3; nld-spec section 10).
+"""Metrics, identical for every mode, from a `RunResult` (docs/design-notes.md §8).
 
 - `tpf` = tokens / NFE (prefill included), `tpf_decode` = tokens / NFE without the prefill; NFE from
   the wrapper's count of forwards run and, per row, from the decoder (they are checked equal at batch

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decode import generations, prepare, run
-from ..decode.common import EMIT
+from ..decode import EMIT, generations, prepare, run
 from .suites import Prompt
 from .timing import Call, TimedModel, synchronize
 
@@ -99,10 +98,8 @@ def fastest(results: Sequence[RunResult]) -> RunResult:
 
 def oracle_policy(reference: Sequence[Sequence[int]]):
     """`trimode.decode.policies.Oracle(reference)`: reference[i] is prompt i's AR greedy output."""
-    try:
-        from ..decode.policies import Oracle
-    except ImportError:  # pragma: no cover - decoders older than the step-level API
-        raise ValueError("this trimode.decode has no Oracle policy; the speed-of-light run needs it") from None
+    from ..decode.policies import Oracle
+
     return Oracle([list(r) for r in reference])
 
 
@@ -154,8 +151,7 @@ def decode_batch(
     for b, g in enumerate(generations(rows, mode)):
         # At batch 1 every forward the wrapper saw is one of this row's forwards. In a batch a forward
         # serves several rows and a row sits out some (finished, or done denoising): its nfe is at most
-        # the forwards run. (Step participation is not used here: a diffusion COMMIT Step hands out the
-        # block of a row that finished at that block although the row sits out the commit forward.)
+        # the forwards run.
         if (len(prompts) == 1 and g.nfe != forwards) or g.nfe > forwards:
             raise RuntimeError(f"{config.label}: row {b} reports nfe={g.nfe}; the wrapper counted {forwards} forwards")
         if sum(g.stats["step_tokens"]) != len(g.tokens):

@@ -1,15 +1,16 @@
 """Shape benchmark: a model of a given shape with random weights; time each forward kind at batch 1.
 
-`trimode bench --synthetic nld-8b --device cuda` builds an NLD-8B-shaped model (nld-spec section
-2.2) in bf16 and times, against a cached context of `context` tokens: the prefill, one AR step, the
-linear draft (k tokens, bidirectional, k - 1 logits) and verify (k tokens, causal, k logits) at
-k = 16, 32, and the fused quadratic forward (k(k+1) tokens) at k = 8, 16. Then it projects steady-
-state decode tokens/s at given acceptance lengths a (tokens per verify, bonus included):
+`trimode bench --synthetic nld-8b --device cuda` builds an NLD-8B-shaped model (the shape in
+`nvidia/Nemotron-Labs-Diffusion-8B`'s config.json) in bf16 and times, against a cached context of
+`context` tokens: the prefill, one AR step, the linear draft (k tokens, bidirectional, k - 1
+logits) and verify (k tokens, causal, k logits) at k = 16, 32, and the fused quadratic forward
+(k(k+1) tokens) at k = 8, 16. Then it projects steady-state decode tokens/s at given acceptance
+lengths a (tokens per verify, bonus included):
 
   ar: 1 / t_ar;  linear k: a / (t_draft + t_verify);  quadratic k: a / t_quad  (a <= k).
 
 Weights are random, so the timings hold for any checkpoint of that shape and the acceptance
-lengths come from elsewhere (5.46 and 6.82 are published NLD numbers, see anchors.md). Scaled-down
+lengths come from elsewhere (5.46 and 6.82 are the NLD report's, arXiv 2607.05722). Scaled-down
 shapes (`nld-mini`, `tiny`) run on CPU.
 """
 
@@ -27,7 +28,8 @@ from ..model import Transformer, rope_inv_freq
 from .roofline import Machine, bound_seconds, forward_cost
 
 SHAPES: dict[str, dict] = {
-    # nld-spec section 2.2 (8B): 34 layers, hidden 4096, SwiGLU 14336, 32 / 8 heads of 128, vocab 131072.
+    # Nemotron-Labs-Diffusion-8B (config.json): 34 layers, hidden 4096, SwiGLU 14336, 32 / 8 heads of 128,
+    # vocab 131072.
     "nld-8b": dict(vocab_size=131072, hidden_size=4096, intermediate_size=14336, num_layers=34,  # noqa: C408
                    num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6),
     "nld-3b": dict(vocab_size=131072, hidden_size=3072, intermediate_size=9216, num_layers=26,  # noqa: C408

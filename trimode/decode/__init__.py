@@ -16,12 +16,12 @@ import torch
 
 from ..sampling import SamplingParams
 from .ar import ARDecoder
-from .batch import Decoder, validate_rows
-from .common import FORWARD_KINDS, PREFILL, DecodeConfig, DraftOverride, Row, Rows, Step
+from .batch import DecodeConfig, Decoder, DraftOverride, validate_rows
 from .diffusion import DiffusionDecoder
 from .linear import LinearDecoder
 from .policies import EvenSchedule, JointThreshold, Oracle, PolicyContext, Threshold
 from .quadratic import QuadraticDecoder
+from .rows import EMIT, FORWARD_KINDS, PREFILL, Row, Step, make_rows
 
 
 class Mode(str, Enum):
@@ -46,7 +46,6 @@ REGISTRY: dict[Mode, type[Decoder]] = {
     Mode.LINEAR: LinearDecoder,
     Mode.QUADRATIC: QuadraticDecoder,
 }
-NEEDS_MASK = (Mode.DIFFUSION, Mode.LINEAR, Mode.QUADRATIC)
 
 
 def make_decoder(model: torch.nn.Module, mode: str | Mode, cfg: DecodeConfig) -> Decoder:
@@ -64,30 +63,13 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
-def _validate(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], mode: Mode, max_new_tokens: int,
-    stop: Sequence[int] | None,
-) -> None:
-    c = model.config
+def _check_prompts(prompts: object) -> None:
+    """The shape of a request; what each prompt may hold is `validate_rows`'s (one rule set)."""
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
             raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p!r:.60}")
-        bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < c.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {c.vocab_size}): {bad[:5]}")
-        if len(p) + max_new_tokens > c.max_seq_len:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                f"context of {c.max_seq_len} tokens"
-            )
-    if stop is not None:
-        bad = [t for t in stop if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < c.vocab_size]
-        if bad:
-            raise ValueError(f"stop token ids must lie in [0, {c.vocab_size}), got {bad[:5]}")
-    if mode in NEEDS_MASK and c.mask_token_id is None:
-        raise ValueError(f"mode {mode.value!r} needs a mask token, but the model config has mask_token_id=None")
 
 
 def prepare(
@@ -112,7 +94,7 @@ def prepare(
     acceptance: str = "auto",
     tree_nodes: int | None = None,
     tree_branch: int = 3,
-) -> tuple[Mode, DecodeConfig, Rows]:
+) -> tuple[Mode, DecodeConfig, list[Row]]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
     if block_len is None:  # the measured best stored with the model (decoding.json), else 32
@@ -130,10 +112,15 @@ def prepare(
         draft_adapter=draft_adapter, draft_override=draft_override, policy=policy, tree_nodes=tree_nodes,
         tree_branch=tree_branch,
     )
-    _validate(model, prompts, m, max_new_tokens, stop)
+    _check_prompts(prompts)
+    bad = [t for t in stop or () if not isinstance(t, int) or isinstance(t, bool)]
+    if bad:
+        raise ValueError(f"stop token ids must be integers, got {bad[:5]}")
     eos = eos_id if eos_id is not None else model.config.eos_token_id
     stop_ids = set(stop or ()) | ({eos} if eos is not None else set())
-    return m, cfg, Rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling)
+    rows = make_rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling)
+    validate_rows(model, rows, needs_mask=REGISTRY[m].needs_mask)
+    return m, cfg, rows
 
 
 def _sampling(
@@ -158,28 +145,28 @@ def _sampling(
     return [None if p.greedy else p for p in params]
 
 
-def run(model: torch.nn.Module, mode: Mode, cfg: DecodeConfig, rows: Rows) -> Iterator[Step]:
-    """Drive a prepared request: one `Step` per forward (new_tokens indexed in prompt order);
-    tokens and counters accumulate in `rows`."""
+def run(model: torch.nn.Module, mode: Mode, cfg: DecodeConfig, rows: Sequence[Row]) -> Iterator[Step]:
+    """Drive a prepared request: one `Step` per forward (new_tokens indexed in prompt order, i.e. by
+    row.index); tokens and counters accumulate in `rows`."""
 
     def in_prompt_order(step: Step) -> Step:
-        out: list[list[int] | None] = [None] * rows.size
+        out: list[list[int] | None] = [None] * len(rows)
         for r, toks in zip(step.rows, step.new_tokens):
             out[r.index] = toks
-        return Step(step.kind, out, rows.rows)
+        return Step(step.kind, out, rows)
 
     dec = make_decoder(model, mode, cfg)
     with torch.inference_mode():
-        for step in dec.admit(rows.rows):
+        for step in dec.admit(rows):
             yield in_prompt_order(step)
         while not dec.idle:
             for step in dec.cycle():
                 yield in_prompt_order(step)
 
 
-def generations(rows: Rows, mode: Mode) -> list[Generation]:
+def generations(rows: Sequence[Row], mode: Mode) -> list[Generation]:
     out = []
-    for r in rows.rows:
+    for r in rows:
         st = r.stats(mode.value)
         out.append(Generation(r.tokens, st["nfe"], r.finish_reason or "length", st))
     return out
@@ -219,6 +206,7 @@ def generate(
 
 
 __all__ = [
+    "EMIT",
     "FORWARD_KINDS",
     "PREFILL",
     "DecodeConfig",
@@ -230,11 +218,11 @@ __all__ = [
     "Oracle",
     "PolicyContext",
     "Row",
-    "Rows",
     "Step",
     "Threshold",
     "generate",
     "generations",
+    "make_rows",
     "make_decoder",
     "prepare",
     "run",

@@ -6,42 +6,39 @@ Sampled rows draw token t from their processed distribution with the uniform of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import masks
+from ..cache import KVCache
 from ..sampling import U_SAMPLE
-from .batch import Decoder
-from .common import AR_STEP, PREFILL, Row, Step, clamp_positions, exclude_mask, prefill, record
+from .batch import Decoder, State, exclude_mask, prefill
+from .rows import AR_STEP, PREFILL, Row, Step
+
+
+@dataclass
+class ARState(State):
+    newest: torch.Tensor  # (B,) newest emitted token, not yet cached
 
 
 class ARDecoder(Decoder):
-    mode = "ar"
     needs_mask = False
 
     def scratch(self) -> int:
         return 1
 
-    def _prefill(self, rows: list[Row], cache) -> tuple[list[Step], dict[str, torch.Tensor]]:
-        record(rows, PREFILL)
-        nxt, _, _ = prefill(self.model, rows, cache, mask_id=self.model.config.mask_token_id,
-                            sampler=self.sampler(rows))
-        return [Step(PREFILL, [r.emit([int(nxt[i])]) for i, r in enumerate(rows)], rows)], {"nxt": nxt}
+    def _prefill(self, rows: list[Row], cache: KVCache) -> tuple[list[Step], ARState]:
+        newest, _, _ = prefill(self, rows, cache, self.sampler(rows))
+        return [self.finish(PREFILL, newest[:, None], rows=rows)], ARState(newest)
 
     def _cycle(self) -> list[Step]:
-        model, cache, rows = self.model, self.cache, list(self.running)
-        c = model.config
-        nxt = self.state["nxt"]  # (B,) newest token per row, not yet in the cache
-        S = int(cache.length.max()) + 1
-        positions = clamp_positions(cache.length[:, None], c.max_seq_len)
-        mask = masks.with_prefix(masks.causal(1, device=model.device), cache.length, S)
-        logits = model(nxt[:, None], positions, mask=mask, cache=cache)
-        cache.commit(1)
-        stepped = record(rows, AR_STEP)
-        sampler = self.sampler(rows)
-        u = sampler.uniforms([len(r.tokens) for r in rows], 1)[:, 0, U_SAMPLE]
-        nxt, _ = sampler.choose(exclude_mask(logits[:, -1], c.mask_token_id), u)  # argmax if all greedy
-        self.state["nxt"] = nxt
-        out: list[list[int] | None] = [None] * len(rows)
-        for i in stepped:
-            out[i] = rows[i].emit([int(nxt[i])])
-        return [Step(AR_STEP, out, rows)]
+        sampler = self.sampler()
+        offsets = torch.zeros(1, dtype=torch.long, device=self.dev)
+        logits = self.model(self.state.newest[:, None], self.positions(offsets), cache=self.cache,
+                            mask=self.prefix_mask(masks.causal(1, device=self.dev)))
+        self.cache.commit(1)
+        u = sampler.uniforms(self.starts(), 1)[:, 0, U_SAMPLE]
+        newest, _ = sampler.choose(exclude_mask(logits[:, -1], self.c.mask_token_id), u)  # argmax if all greedy
+        self.state = ARState(newest)
+        return [self.finish(AR_STEP, newest[:, None])]

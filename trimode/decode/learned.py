@@ -1,4 +1,4 @@
-"""The learned unmasking policy for diffusion mode (issue 7; nld-spec section 12).
+"""The learned unmasking policy for diffusion mode (docs/design-notes.md §9).
 
 After each denoising forward, a small model scores every masked slot of the block with the
 probability that its current top-1 is the AR-consistent token (the token AR greedy decoding would

@@ -57,23 +57,6 @@ class ServerSettings:
         return cap if self.max_prompt_tokens is None else min(self.max_prompt_tokens, cap)
 
 
-def sampling_available() -> bool:
-    """Whether the decoders sample (issue 6): `trimode.sampling` exists *and* a decoder module uses it.
-
-    A Row accepts `sampling=` before any decoder reads it; accepting temperature > 0 then would
-    silently decode greedily, so until a decoder imports from trimode.sampling we answer 400.
-    """
-    import sys
-
-    try:
-        from .. import decode, sampling
-    except ImportError:
-        return False
-    mods = [m for name, m in list(sys.modules.items()) if name.startswith(decode.__name__) and m is not None]
-    return any(v is sampling or getattr(v, "__module__", None) == sampling.__name__
-               for m in mods for v in list(vars(m).values()))
-
-
 def _error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(schemas.error_body(message, type=type, code=code), status_code=status, headers=headers)
@@ -225,12 +208,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
         temperature = req.temperature if req.temperature is not None else (1.0 if asks else 0.0)
         if temperature == 0:
             return None  # greedy: top_p / top_k / min_p change nothing (argmax is always kept)
-        if not sampling_available():
-            bad = "temperature" if req.temperature not in (None, 0) else next(iter(asks))
-            raise APIError(400, f"'{bad}' = {getattr(req, bad)!r} needs sampling, which this build's decoders do "
-                                f"not support yet; decoding is greedy (temperature 0)", param=bad,
-                           code="unsupported_value")
-        from ..sampling import SamplingParams  # issue 6
+        from ..sampling import SamplingParams
 
         try:
             return SamplingParams(temperature=float(temperature), top_p=float(req.top_p or 1.0),

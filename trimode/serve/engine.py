@@ -66,7 +66,7 @@ class Job:
     stop_ids: frozenset[int]
     stops: list[str]
     sink: Callable[[tuple], None]
-    sampling: Any = None  # per-row sampling state (issue 6); None = greedy
+    sampling: Any = None  # SamplingParams; None = greedy
     # engine state
     cancelled: bool = False
     finished: bool = False

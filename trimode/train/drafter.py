@@ -1,4 +1,4 @@
-"""`trimode train-drafter`: the LoRA drafter, trained by self-distillation (issue 7, nld-spec section 8).
+"""`trimode train-drafter`: the LoRA drafter, trained by self-distillation (docs/design-notes.md §6).
 
 The draft pass of linear self-speculation runs the canvas [x_t, MASK x (K-1)] at positions
 t .. t+K-1 bidirectionally against the causal cache of x_0 .. x_{t-1}, with the adapter "draft" on;
@@ -17,7 +17,7 @@ drafter should predict the model's own AR greedy continuation. Recipe:
    adapt it and quadratic ones (where it is a verified head) do not;
 4. loss = CE(draft logits, AR greedy token) + kl_weight * KL(p_verify || p_draft), the verifier's
    distribution being the clean stream of the same forward (base weights: the adapter is off there
-   and clean tokens never see block tokens). nld-spec section 8 reports lambda_L = 1, lambda_K = 0.5;
+   and clean tokens never see block tokens). NLD reportedly uses lambda_L = 1, lambda_K = 0.5;
 5. save the adapter in PEFT format where `load_model` finds it: `DIR/adapters/draft/` for a native
    checkpoint, `DIR/linear_spec_lora/` for an NLD one (or `--out`).
 
@@ -553,7 +553,8 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
             Path(cfg.data_cache).parent.mkdir(parents=True, exist_ok=True)
             torch.save(vars(seqs), cfg.data_cache)
     # Resuming: the settings that shape the run must match the interrupted one.
-    settings = {"model": str(mdir.resolve()), "targets": list(targets), "r": rank, "init_adapter": init_sha, "alpha": float(alpha),
+    settings = {"model": str(mdir.resolve()), "targets": list(targets), "r": rank, "alpha": float(alpha),
+                "init_adapter": init_sha,
                 "block_lens": list(cfg.block_lens), "steps": cfg.steps, "batch": cfg.batch,
                 "blocks_per_seq": cfg.blocks_per_seq, "lr": cfg.lr, "warmup": cfg.warmup,
                 "kl_weight": cfg.kl_weight, "ce_weight": cfg.ce_weight, "seed": cfg.seed, "bf16": cfg.bf16,

@@ -28,7 +28,7 @@ from ..config import ModelConfig
 from ..model import Transformer, init_weights
 from . import checkpointing as C
 from .config import PRESETS, TrainConfig
-from .losses import ar_loss, diffusion_loss, dual_stream_inputs, split_dual
+from .losses import ar_loss, combine, diffusion_loss, dual_stream_inputs, split_dual
 from .noise import derive_seed, noise_batch
 from .prepare import Dataset, build_dataset
 
@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
                 with sync:
                     a_s, _, d_s, _ = micro_losses(net, x0, lm, rows, cfg=cfg, mask_id=ds.mask_id, joint=joint,
                                                   noise_seed=cfg.seed)
-                    loss = (a_s / ar_n + (cfg.alpha * d_s / diff_n if joint else 0.0)) * world
+                    loss = combine(a_s, ar_n, d_s, diff_n, alpha=cfg.alpha if joint else 0.0) * world
                     loss.backward()
                 sums += torch.tensor([float(a_s.detach()), float(d_s.detach())], dtype=torch.float64)
             if distributed:

@@ -1,4 +1,4 @@
-"""The joint AR + diffusion objective as pure functions (nld-spec sections 3.1-3.3 and 3.6).
+"""The joint AR + diffusion objective as pure functions (docs/design-notes.md §3).
 
 One forward over the dual-stream input [x_t ; x_0] (length 2L, shared positions 0..L-1) gives the
 diffusion logits (first half) and the AR logits (second half). Every loss returns a (sum, count)

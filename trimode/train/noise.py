@@ -1,4 +1,4 @@
-"""Forward (masking) process of the diffusion stream, as pure functions (nld-spec section 3.5).
+"""Forward (masking) process of the diffusion stream, as pure functions (docs/design-notes.md §3).
 
 All randomness comes from explicit `torch.Generator`s keyed by (seed, global sample index) through
 `sample_generator`, so a sample gets the same noise and block length whatever the number of ranks,
@@ -76,7 +76,7 @@ def exp_weighted_noise(
     block_len: int | None = None,
     eps: float = DEFAULT_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Efficient-DLM position-dependent masking (arXiv 2512.14067; nld-spec section 3.5).
+    """Efficient-DLM position-dependent masking (arXiv 2512.14067).
 
     Per segment (the whole sequence, or each block of `block_len`): draw m ~ U(eps, 1), mask exactly
     round(m * n) of its n supervised tokens (at least 1 for a whole sequence), chosen without

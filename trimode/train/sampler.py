@@ -1,4 +1,4 @@
-"""`trimode train-sampler`: the learned unmasking sampler for diffusion mode (issue 7, nld-spec 12).
+"""`trimode train-sampler`: the learned unmasking sampler for diffusion mode (docs/design-notes.md §9).
 
 1. Trajectories: diffusion decoding of training prompts with the real decoder, under a recording
    policy. At every denoising forward it stores, for every slot of the block, the features of
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..decode.learned import FEATURES, KINDS, LearnedPolicy, Sampler, build_scorer, slot_features
+from ..decode.learned import FEATURES, KINDS, Sampler, build_scorer, slot_features
 from ..decode.policies import PolicyContext
 
 
@@ -325,12 +325,6 @@ def auc(score: torch.Tensor, label: torch.Tensor) -> float:
     avg = cum - (counts.double() - 1) / 2
     ranks[order] = avg[inv]
     return float((ranks[label].sum() - npos * (npos + 1) / 2) / (npos * nneg))
-
-
-def policy_from(path: str | Path, threshold: float) -> LearnedPolicy:
-    from ..decode.learned import load_sampler
-
-    return LearnedPolicy(load_sampler(path), threshold)
 
 
 def build_parser() -> argparse.ArgumentParser:
