@@ -68,26 +68,35 @@ class DiffusionDecoder(Decoder):
         return EvenSchedule(n_masks, torch.full_like(n_masks, cfg.steps) if cfg.steps else n_masks.clamp(min=1))
 
     def _cycle(self) -> list[Step]:
-        rows, c, dev, sampler = self.running, self.c, self.dev, self.sampler()
-        mask_id = c.mask_token_id
-        B = len(rows)
-        steps: list[Step] = []
+        rows, dev = self.running, self.dev
         # Each row's block is as long as it would be alone (its last block may be shorter); shorter
         # blocks are padded, and the padding is invisible to every real slot, so batching changes no token.
         Kb = torch.tensor([min(self.cfg.block_len, r.remaining()) for r in rows], dtype=torch.long, device=dev)
         K = int(Kb.max())
-        slot = torch.arange(K, device=dev)
-        valid = slot[None, :] < Kb[:, None]  # (B, K)
-        canvas = torch.full((B, K), mask_id, dtype=torch.long, device=dev)  # (B, K): [seed, MASK ...]
+        canvas = torch.full((len(rows), K), self.c.mask_token_id, dtype=torch.long, device=dev)  # [seed, MASK..]
         canvas[:, 0] = self.state.seed
+        credit = torch.full((len(rows), K), -1, dtype=torch.long)  # (B, K): trace index that finalised a slot
+        credit[:, 0] = self.state.seed_credit
+        positions = self.positions(torch.arange(K, device=dev))
+        steps = self._denoise(canvas, credit, Kb, positions)
+        # The block's tokens are handed out without a forward (they were finalised by the denoising
+        # forwards credited above); the commit forward below only involves rows still decoding.
+        out = [None if r.done else r.emit(canvas[i, : int(Kb[i])].tolist(), credit=credit[i, : int(Kb[i])].tolist())
+               for i, r in enumerate(rows)]
+        steps.append(Step(EMIT, out, rows))
+        if all(r.done for r in rows):
+            return steps  # nothing left to decode: the final commit is not needed
+        return steps + [self._commit(canvas, Kb, positions)]
+
+    def _denoise(self, canvas: torch.Tensor, credit: torch.Tensor, Kb: torch.Tensor,
+                 positions: torch.Tensor) -> list[Step]:
+        """Fill the masked slots of `canvas` (B, K) in place, forward by forward, recording in
+        `credit` which forward finalised each slot; returns the DENOISE steps."""
+        rows, c, dev, sampler = self.running, self.c, self.dev, self.sampler()
+        B, K = canvas.shape
+        valid = torch.arange(K, device=dev)[None, :] < Kb[:, None]  # (B, K)
         filled = ~valid  # (B, K): slots that need no more denoising (the seed, the padding)
         filled[:, 0] = True
-        credit = torch.full((B, K), -1, dtype=torch.long)  # (B, K): trace index that finalised each slot
-        credit[:, 0] = self.state.seed_credit
-        denoising = torch.tensor([not r.done for r in rows], dtype=torch.bool, device=dev)
-        policy = self._policy(Kb - 1)
-        start = self.starts()
-        positions = self.positions(slot)
         see = valid[:, None, :] | torch.eye(K, dtype=torch.bool, device=dev)[None]  # padding: seen by itself only
         bidir = self.prefix_mask(masks.bidirectional(K, device=dev)[None] & see)  # (B, K, S)
         want = pred_slots(torch.arange(1, K, device=dev), c.dlm_type).expand(B, K - 1)
@@ -95,20 +104,21 @@ class DiffusionDecoder(Decoder):
         for i, r in enumerate(rows):
             if r.stop_ids:
                 own_stop[i, sorted(r.stop_ids)] = True
-        any_stop = bool(own_stop.any())
-        step = 0
+        any_stop, policy, start = bool(own_stop.any()), self._policy(Kb - 1), self.starts()
+        denoising = torch.tensor([not r.done for r in rows], dtype=torch.bool, device=dev)
+        steps: list[Step] = []
         while True:
             if any_stop:  # a row stops denoising once one of its stop ids sits in a filled prefix
                 denoising &= ~finished_prefix(canvas, filled, own_stop)
             candidates = ~filled[:, 1:] & denoising[:, None]  # (B, K-1)
             if not bool(candidates.any()):
-                break
+                return steps
             logits = exclude_mask(self.model(canvas, positions, mask=bidir, cache=self.cache, logits_at=want),
-                                  mask_id)
+                                  c.mask_token_id)
             u = sampler.fresh(K - 1, only=candidates.any(1), counts=(Kb - 1).tolist())  # own block only
             proposal, conf, probs = sampler.propose(logits, u)  # (B, K-1), (B, K-1), (B, K-1, V)
             ctx = PolicyContext(proposal=proposal, probs=probs, filled=filled, rows=rows, start=start)
-            fill = policy.select(conf, candidates, step, ctx) & candidates
+            fill = policy.select(conf, candidates, len(steps), ctx) & candidates
             # A policy may rewrite ctx.proposal (the oracle forces the AR token when nothing matches).
             canvas[:, 1:] = torch.where(fill, ctx.proposal, canvas[:, 1:])
             filled[:, 1:] |= fill
@@ -118,24 +128,16 @@ class DiffusionDecoder(Decoder):
             for i, took in enumerate(steps[-1].new_tokens):
                 if took is not None:
                     credit[i, 1:][fill[i].cpu()] = len(rows[i].trace) - 1
-            step += 1
-        # The block's tokens are handed out without a forward (they were finalised by the denoising
-        # forwards credited above); the commit forward below only involves rows still decoding.
-        out: list[list[int] | None] = [None] * B
-        for i, r in enumerate(rows):
-            if not r.done:
-                kb = int(Kb[i])
-                out[i] = r.emit(canvas[i, :kb].tolist(), credit=credit[i, :kb].tolist())
-        steps.append(Step(EMIT, out, rows))
-        if all(r.done for r in rows):
-            return steps  # nothing left to decode: the final commit is not needed
-        # Commit: a causal forward over the finished canvas writes the block's K/V and predicts the next seed.
-        logits = self.model(canvas, positions, mask=self.prefix_mask(masks.causal(K, device=dev)), cache=self.cache,
-                            logits_at=(Kb - 1)[:, None])
+
+    def _commit(self, canvas: torch.Tensor, Kb: torch.Tensor, positions: torch.Tensor) -> Step:
+        """A causal forward over the finished canvas: writes the block's K/V, predicts the next seed."""
+        rows, sampler = self.running, self.sampler()
+        logits = self.model(canvas, positions, mask=self.prefix_mask(masks.causal(canvas.shape[1], device=self.dev)),
+                            cache=self.cache, logits_at=(Kb - 1)[:, None])
         self.cache.commit(self.only_active(Kb))
         alive = torch.tensor([not r.done for r in rows], dtype=torch.bool)
-        seed, _ = sampler.choose(exclude_mask(logits[:, 0], mask_id), sampler.fresh(1, only=alive)[:, 0])
-        steps.append(self.finish(COMMIT))
+        seed, _ = sampler.choose(exclude_mask(logits[:, 0], self.c.mask_token_id), sampler.fresh(1, only=alive)[:, 0])
+        step = self.finish(COMMIT)
         seed_credit = torch.tensor([len(r.trace) - 1 for r in rows], dtype=torch.long)
         self.state = DiffusionState(seed, torch.where(alive, seed_credit, self.state.seed_credit))
-        return steps
+        return step
