@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from trimode.cli import BUNDLED  # noqa: E402
 from trimode.serve.app import ServerSettings, create_app  # noqa: E402
 from trimode.serve.cli import FALLBACK_CROSSOVER, read_crossover, read_serving  # noqa: E402
-from trimode.serve.engine import Engine, EngineConfig, Job  # noqa: E402
+from trimode.serve.engine import Done, Engine, EngineConfig, Job  # noqa: E402
 from trimode.serve.fake import fake_api, fake_model  # noqa: E402
 from trimode.serve.text import TextStream  # noqa: E402
 from trimode.tokenizer import load_tokenizer  # noqa: E402
@@ -314,8 +314,8 @@ def test_queue_full_is_429_then_recovers():
         assert 'trimode_rejected_total{reason="queue_full"} 1' in c.get("/metrics").text
         assert c.get("/health").json()["queued"] == 1
         gate.set()
-        wait_for(lambda: ev2 and ev2[-1][0] == "done")
-        assert ev1[-1][0] == "done" and ev1[-1][2]["completion_tokens"] == 4
+        wait_for(lambda: ev2 and isinstance(ev2[-1], Done))
+        assert isinstance(ev1[-1], Done) and ev1[-1].usage["completion_tokens"] == 4
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
@@ -336,7 +336,7 @@ def test_cancel_frees_slot_and_timeout_is_408():
         assert err["code"] == "timeout"
         gate.set()
         wait_for(lambda: eng.snapshot()["running"] == 0)
-        assert run_ev[-1][:2] == ("done", "cancelled") and not queued_ev
+        assert run_ev[-1] == Done("cancelled", run_ev[-1].usage) and not queued_ev
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
@@ -371,10 +371,10 @@ def test_auto_switches_to_ar_under_load():
             eng.submit(job)
             time.sleep(0.05)
         gate.set()
-        wait_for(lambda: all(e and e[-1][0] == "done" for e in evs))
+        wait_for(lambda: all(e and isinstance(e[-1], Done) for e in evs))
         # the first is admitted alone (load 1); the worker then waits in its cycle, so the other three are
         # admitted together with 1 running + 3 new = 4 > 2 in the system
-        assert [e[0][1]["mode"] for e in evs] == ["linear", "ar", "ar", "ar"]
+        assert [e[0].info["mode"] for e in evs] == ["linear", "ar", "ar", "ar"]
 
 
 def test_metrics_text(client):

@@ -18,7 +18,7 @@ from trimode.checkpoint import load_model  # noqa: E402
 from trimode.cli import BUNDLED  # noqa: E402
 from trimode.decode import generate  # noqa: E402
 from trimode.serve.app import ServerSettings, create_app  # noqa: E402
-from trimode.serve.engine import Engine, EngineConfig, Job  # noqa: E402
+from trimode.serve.engine import Decoding, Done, Engine, EngineConfig, Failed, Job, Text  # noqa: E402
 from trimode.tokenizer import load_tokenizer  # noqa: E402
 
 TOK = load_tokenizer(BUNDLED)
@@ -50,13 +50,13 @@ def job(text: str, mode: str, events: list, *, max_tokens: int = 20, block_len: 
 
 def wait_done(evs, timeout=120.0):
     t0 = time.time()
-    while not all(e and e[-1][0] in ("done", "error") for e in evs):
+    while not all(e and isinstance(e[-1], (Done, Failed)) for e in evs):
         assert time.time() - t0 < timeout
         time.sleep(0.01)
 
 
 def text_of(events) -> str:
-    return "".join(e[1] for e in events if e[0] == "text")
+    return "".join(e.text for e in events if isinstance(e, Text))
 
 
 def test_continuous_batching_changes_no_token(model, reference):
@@ -73,11 +73,11 @@ def test_continuous_batching_changes_no_token(model, reference):
             time.sleep(0.02 * (i % 3))
         wait_done(evs)
         for t, e, m, i in zip(TEXTS, evs, modes, range(len(TEXTS))):
-            assert e[0][0] == "decoding" and e[0][1]["mode"] == m
-            assert e[-1][0] == "done", e[-1]
+            assert isinstance(e[0], Decoding) and e[0].info["mode"] == m
+            assert isinstance(e[-1], Done), e[-1]
             want = reference[t][: 12 + i]
             assert text_of(e) == TOK.decode(want), (m, t)
-            use = e[-1][2]
+            use = e[-1].usage
             assert use["completion_tokens"] == len(want) and use["forwards"] >= 1
         assert eng.snapshot() == {"queued": 0, "running": 0, "decoders": eng.snapshot()["decoders"]}
         assert eng.errors == 0
@@ -102,8 +102,8 @@ def test_stop_string_and_cancel_free_the_slot(model, reference):
         time.sleep(0.05)
         eng.cancel(j2)
         wait_done([e1, e2])
-        assert text_of(e1) == full[: full.index(stop)] and e1[-1][1] == "stop"
-        assert e2[-1][1] == "cancelled" and e2[-1][2]["completion_tokens"] < 200
+        assert text_of(e1) == full[: full.index(stop)] and e1[-1].reason == "stop"
+        assert e2[-1].reason == "cancelled" and e2[-1].usage["completion_tokens"] < 200
         eng.submit(job(TEXTS[2], "ar", e3))  # both slots are free again
         wait_done([e3])
         assert text_of(e3) == TOK.decode(reference[TEXTS[2]])

@@ -21,8 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..sampling import SamplingParams
 from . import schemas
-from .engine import Engine, Job
+from .engine import Decoding, Done, Engine, Event, Failed, Job, Text
 from .schemas import APIError
 
 log = logging.getLogger("trimode.serve")
@@ -89,12 +90,22 @@ class _RequestCounter:
             self.metrics.requests.inc(endpoint=route, status=str(status["code"] or 499))
 
 
+@dataclass
+class AppState:
+    """What every handler reads, from `request.app.state.trimode`."""
+
+    engine: Engine
+    tokenizer: Any
+    settings: ServerSettings
+    chat_stop: frozenset[int]  # end-of-turn ids added to the stop ids of chat requests
+
+    @classmethod
+    def of(cls, request: Request) -> AppState:
+        return request.app.state.trimode
+
+
 def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_engine: bool = True) -> FastAPI:
     """The app; with manage_engine the engine starts and stops with the app's lifespan."""
-    metrics = engine.metrics
-    s = settings
-    chat_stop = {t for t in (tokenizer.token_to_id(n) for n in END_OF_TURN) if t is not None}
-    eos = tokenizer.eos_id
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,280 +118,318 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
                 await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="trimode", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_RequestCounter, metrics=metrics)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(500, f"internal server error ({type(e).__name__})", type="server_error")
-
-    # -- plain routes ---------------------------------------------------------------------------
-    def model_card() -> dict[str, Any]:
-        return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "trimode",
-                "max_model_len": s.context}
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict:
-        if model_id != s.model_name:
-            raise APIError(404, f"model {model_id!r} not found; this server serves {s.model_name!r}",
-                           type="not_found_error", param="model", code="model_not_found")
-        return model_card()
-
-    @app.get("/health")
-    async def health() -> Response:
-        snap = engine.snapshot()
-        if not engine.alive:
-            return JSONResponse({"status": "dead", **snap}, status_code=503)
-        return JSONResponse({"status": "ok", **snap})
-
-    @app.get("/metrics")
-    async def prom() -> Response:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    # -- request handling -----------------------------------------------------------------------
-    async def read_json(request: Request) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise APIError(400, "invalid Content-Length header")
-            if int(length) > s.max_body_bytes:
-                raise APIError(413, f"request body of {length} bytes exceeds the limit of {s.max_body_bytes}",
-                               code="body_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > s.max_body_bytes:
-                raise APIError(413, f"request body exceeds the limit of {s.max_body_bytes} bytes",
-                               code="body_too_large")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise APIError(400, f"the request body is not valid UTF-8: {e}") from None
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integer literals, deep nesting
-            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
-        try:  # "\ud800" escapes decode to lone surrogates, which are not text: refuse them here, once
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, "the request holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is "
-                                "not valid Unicode text") from None
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
-        return data
-
-    def check_model(req: schemas._Common) -> None:
-        if req.model is not None and req.model != s.model_name:
-            raise APIError(404, f"model {req.model!r:.80} not found; this server serves {s.model_name!r}",
-                           type="not_found_error", param="model", code="model_not_found")
-
-    def decoding(req: schemas._Common) -> tuple[str, int, float]:
-        d = req.decoding or schemas.Decoding()
-        mode = d.mode or s.default_mode
-        block_len = d.block_len if d.block_len is not None else s.block_lens.get(mode, s.default_block_len)
-        threshold = d.threshold if d.threshold is not None else s.default_threshold
-        if block_len > s.max_block_len:
-            raise APIError(400, f"decoding.block_len = {block_len} exceeds the server limit of {s.max_block_len}",
-                           param="decoding.block_len")
-        if mode not in ("ar", "auto") and not s.has_mask:
-            raise APIError(400, f"decoding.mode = {mode!r} needs a mask token, which this model has not",
-                           param="decoding.mode")
-        return mode, block_len, threshold
-
-    def sampling(req: schemas._Common):
-        """None (greedy) or SamplingParams. Temperature omitted means greedy unless top_p / top_k / min_p
-        ask for sampling, which then runs at OpenAI's default temperature 1."""
-        asks = {k: v for k, v in (("top_p", req.top_p), ("top_k", req.top_k), ("min_p", req.min_p))
-                if v is not None and v != {"top_p": 1, "top_k": 0, "min_p": 0}[k]}
-        temperature = req.temperature if req.temperature is not None else (1.0 if asks else 0.0)
-        if temperature == 0:
-            return None  # greedy: top_p / top_k / min_p change nothing (argmax is always kept)
-        from ..sampling import SamplingParams
-
-        try:
-            return SamplingParams(temperature=float(temperature), top_p=float(req.top_p or 1.0),
-                                  top_k=req.top_k or 0, min_p=float(req.min_p or 0.0),
-                                  seed=None if req.seed is None else req.seed % 2**63)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-
-    def budget(req: schemas._Common, n_prompt: int) -> int:
-        if n_prompt > s.prompt_limit:
-            raise APIError(400, f"the prompt has {n_prompt} tokens, more than the limit of {s.prompt_limit}",
-                           param="prompt", code="context_length_exceeded")
-        room = s.context - n_prompt
-        if req.max_tokens is None:
-            return max(1, min(s.default_max_tokens, room))
-        if req.max_tokens > s.max_tokens_limit:
-            raise APIError(400, f"max_tokens = {req.max_tokens} exceeds the server limit of {s.max_tokens_limit}",
-                           param="max_tokens")
-        if req.max_tokens > room:
-            raise APIError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({req.max_tokens}) exceeds the "
-                                f"context of {s.context} tokens", param="max_tokens",
-                           code="context_length_exceeded")
-        return req.max_tokens
-
-    def encode_completion(req: schemas.CompletionRequest) -> list[int]:
-        p = req.prompt_input()
-        if isinstance(p, list):
-            bad = [t for t in p if not 0 <= t < s.vocab_size]
-            if bad:
-                raise APIError(400, f"prompt token ids must lie in [0, {s.vocab_size}), got {bad[:5]}",
-                               param="prompt")
-            return p
-        if len(p) > 32 * s.prompt_limit + 64:  # cheaper than tokenizing a megabyte to say no
-            raise APIError(400, f"the prompt has {len(p)} characters, far more than the limit of "
-                                f"{s.prompt_limit} tokens", param="prompt", code="context_length_exceeded")
-        return tokenizer.encode(p)
-
-    def encode_chat(req: schemas.ChatRequest) -> list[int]:
-        messages = req.chat_messages()
-        if sum(len(m["content"]) for m in messages) > 32 * s.prompt_limit + 64:
-            raise APIError(400, f"the messages are far longer than the limit of {s.prompt_limit} tokens",
-                           param="messages", code="context_length_exceeded")
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        except Exception as e:  # noqa: BLE001 (jinja errors raised by the template on these messages)
-            raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}"[:300],
-                           param="messages") from None
-        return tokenizer.encode(text)
-
-    async def prepare(request: Request, cls, chat: bool) -> tuple[schemas._Common, Job, asyncio.Queue]:
-        req = schemas.parse(cls, await read_json(request))
-        check_model(req)
-        stops = req.stop_list()
-        mode, block_len, threshold = decoding(req)
-        samp = sampling(req)
-        ids = await asyncio.to_thread(encode_chat if chat else encode_completion, req)
-        if not ids:
-            raise APIError(400, "the prompt encodes to zero tokens", param="messages" if chat else "prompt")
-        max_tokens = budget(req, len(ids))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def sink(event: tuple) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        stop_ids = frozenset(({eos} if eos is not None else set()) | (chat_stop if chat else set()))
-        job = Job(prompt=ids, max_tokens=max_tokens, mode=mode, block_len=block_len, threshold=threshold,
-                  stop_ids=stop_ids, stops=stops, sink=sink, sampling=samp)
-        engine.submit(job)  # APIError 429 when the queue is full
-        return req, job, queue
-
-    async def events(request: Request, job: Job, queue: asyncio.Queue, *, watch: bool,
-                     deadline: float) -> AsyncIterator[tuple]:
-        """The job's events until done / error; cancels the job on timeout, disconnect or exit."""
-        gone = asyncio.ensure_future(request.receive()) if watch else None
-        try:
-            while True:
-                get = asyncio.ensure_future(queue.get())
-                wait = [get] + ([gone] if gone is not None else [])
-                done, _ = await asyncio.wait(wait, timeout=max(0.0, deadline - time.monotonic()),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    get.cancel()
-                    if gone is not None and gone in done:
-                        msg = gone.result()
-                        if msg.get("type") == "http.disconnect":
-                            engine.cancel(job)
-                            return
-                        gone = asyncio.ensure_future(request.receive())
-                        continue
-                    engine.cancel(job)
-                    metrics.rejected.inc(reason="timeout")
-                    raise APIError(408, f"the request did not finish within {s.request_timeout:g} s "
-                                        f"(--request-timeout)", type="timeout_error", code="timeout")
-                ev = get.result()
-                yield ev
-                if ev[0] in ("done", "error"):
-                    return
-        finally:
-            if gone is not None:
-                gone.cancel()
-            if not job.finished:
-                engine.cancel(job)
-
-    async def complete(request: Request, chat: bool) -> Response:
-        deadline = time.monotonic() + s.request_timeout  # from arrival: queueing counts
-        req, job, queue = await prepare(request, schemas.ChatRequest if chat else schemas.CompletionRequest, chat)
-        rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-        created = schemas.now()
-        name = s.model_name
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _JobStream(engine, job, stream(request, job, queue, rid, created, name, chat, include_usage,
-                                                  deadline),
-                              media_type="text/event-stream",
-                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        parts: list[str] = []
-        info = None
-        async for ev in events(request, job, queue, watch=True, deadline=deadline):
-            if ev[0] == "decoding":
-                info = ev[1]
-            elif ev[0] == "text":
-                parts.append(ev[1])
-            elif ev[0] == "error":
-                raise ev[1]
-            elif ev[0] == "done":
-                build = schemas.chat if chat else schemas.completion
-                return JSONResponse(build(rid, name, created, "".join(parts), _finish(ev[1]), ev[2], info))
-        return Response(status_code=499)  # the client went away
-
-    async def stream(request, job, queue, rid, created, name, chat, include_usage, deadline) -> AsyncIterator[bytes]:
-        def sse(obj: dict) -> bytes:
-            return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-        if chat:
-            yield sse(schemas.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}, None))
-        info = None
-        try:
-            async for ev in events(request, job, queue, watch=False, deadline=deadline):
-                if ev[0] == "decoding":
-                    info = ev[1]
-                elif ev[0] == "text":
-                    if chat:
-                        yield sse(schemas.chat_chunk(rid, name, created, {"content": ev[1]}, None))
-                    else:
-                        yield sse(schemas.completion_chunk(rid, name, created, ev[1], None))
-                elif ev[0] == "error":
-                    yield sse(ev[1].body())
-                elif ev[0] == "done":
-                    finish = _finish(ev[1])
-                    if chat:
-                        yield sse(schemas.chat_chunk(rid, name, created, {}, finish))
-                    else:
-                        yield sse(schemas.completion_chunk(rid, name, created, "", finish))
-                    if include_usage:
-                        obj = "chat.completion.chunk" if chat else "text_completion"
-                        yield sse(schemas.usage_chunk(rid, name, created, obj, ev[2], info))
-        except APIError as e:  # a timeout once streaming has begun: report it in the stream
-            yield sse(e.body())
-        yield b"data: [DONE]\n\n"
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await complete(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await complete(request, chat=True)
-
+    app.state.trimode = AppState(engine, tokenizer, settings, frozenset(
+        t for t in (tokenizer.token_to_id(n) for n in END_OF_TURN) if t is not None))
+    app.add_middleware(_RequestCounter, metrics=engine.metrics)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal)
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prom, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
+
+
+# -- errors -----------------------------------------------------------------------------------------
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return _error(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None))
+
+
+async def _internal(request: Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return _error(500, f"internal server error ({type(e).__name__})", type="server_error")
+
+
+# -- plain routes -------------------------------------------------------------------------------------
+def model_card(s: ServerSettings) -> dict[str, Any]:
+    return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "trimode",
+            "max_model_len": s.context}
+
+
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [model_card(AppState.of(request).settings)]}
+
+
+async def get_model(request: Request, model_id: str) -> dict:
+    s = AppState.of(request).settings
+    if model_id != s.model_name:
+        raise APIError(404, f"model {model_id!r} not found; this server serves {s.model_name!r}",
+                       type="not_found_error", param="model", code="model_not_found")
+    return model_card(s)
+
+
+async def health(request: Request) -> Response:
+    engine = AppState.of(request).engine
+    snap = engine.snapshot()
+    if not engine.alive:
+        return JSONResponse({"status": "dead", **snap}, status_code=503)
+    return JSONResponse({"status": "ok", **snap})
+
+
+async def prom(request: Request) -> Response:
+    return PlainTextResponse(AppState.of(request).engine.metrics.render(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# -- validation: each a pure function of the request and the settings --------------------------------
+async def read_json(request: Request, max_bytes: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise APIError(400, "invalid Content-Length header")
+        if int(length) > max_bytes:
+            raise APIError(413, f"request body of {length} bytes exceeds the limit of {max_bytes}",
+                           code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes", code="body_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integer literals, deep nesting
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+    try:  # "\ud800" escapes decode to lone surrogates, which are not text: refuse them here, once
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is "
+                            "not valid Unicode text") from None
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+    return data
+
+
+def check_model(req: schemas._Common, s: ServerSettings) -> None:
+    if req.model is not None and req.model != s.model_name:
+        raise APIError(404, f"model {req.model!r:.80} not found; this server serves {s.model_name!r}",
+                       type="not_found_error", param="model", code="model_not_found")
+
+
+def decoding(req: schemas._Common, s: ServerSettings) -> tuple[str, int, float]:
+    d = req.decoding or schemas.Decoding()
+    mode = d.mode or s.default_mode
+    block_len = d.block_len if d.block_len is not None else s.block_lens.get(mode, s.default_block_len)
+    threshold = d.threshold if d.threshold is not None else s.default_threshold
+    if block_len > s.max_block_len:
+        raise APIError(400, f"decoding.block_len = {block_len} exceeds the server limit of {s.max_block_len}",
+                       param="decoding.block_len")
+    if mode not in ("ar", "auto") and not s.has_mask:
+        raise APIError(400, f"decoding.mode = {mode!r} needs a mask token, which this model has not",
+                       param="decoding.mode")
+    return mode, block_len, threshold
+
+
+def sampling(req: schemas._Common) -> SamplingParams | None:
+    """None (greedy) or SamplingParams. Temperature omitted means greedy unless top_p / top_k / min_p
+    ask for sampling, which then runs at OpenAI's default temperature 1."""
+    asks = {k: v for k, v in (("top_p", req.top_p), ("top_k", req.top_k), ("min_p", req.min_p))
+            if v is not None and v != {"top_p": 1, "top_k": 0, "min_p": 0}[k]}
+    temperature = req.temperature if req.temperature is not None else (1.0 if asks else 0.0)
+    if temperature == 0:
+        return None  # greedy: top_p / top_k / min_p change nothing (argmax is always kept)
+    try:
+        return SamplingParams(temperature=float(temperature), top_p=float(req.top_p or 1.0),
+                              top_k=req.top_k or 0, min_p=float(req.min_p or 0.0),
+                              seed=None if req.seed is None else req.seed % 2**63)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def budget(req: schemas._Common, n_prompt: int, s: ServerSettings) -> int:
+    if n_prompt > s.prompt_limit:
+        raise APIError(400, f"the prompt has {n_prompt} tokens, more than the limit of {s.prompt_limit}",
+                       param="prompt", code="context_length_exceeded")
+    room = s.context - n_prompt
+    if req.max_tokens is None:
+        return max(1, min(s.default_max_tokens, room))
+    if req.max_tokens > s.max_tokens_limit:
+        raise APIError(400, f"max_tokens = {req.max_tokens} exceeds the server limit of {s.max_tokens_limit}",
+                       param="max_tokens")
+    if req.max_tokens > room:
+        raise APIError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({req.max_tokens}) exceeds the "
+                            f"context of {s.context} tokens", param="max_tokens", code="context_length_exceeded")
+    return req.max_tokens
+
+
+def encode_completion(req: schemas.CompletionRequest, tokenizer, s: ServerSettings) -> list[int]:
+    p = req.prompt_input()
+    if isinstance(p, list):
+        bad = [t for t in p if not 0 <= t < s.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt token ids must lie in [0, {s.vocab_size}), got {bad[:5]}", param="prompt")
+        return p
+    if len(p) > 32 * s.prompt_limit + 64:  # cheaper than tokenizing a megabyte to say no
+        raise APIError(400, f"the prompt has {len(p)} characters, far more than the limit of "
+                            f"{s.prompt_limit} tokens", param="prompt", code="context_length_exceeded")
+    return tokenizer.encode(p)
+
+
+def encode_chat(req: schemas.ChatRequest, tokenizer, s: ServerSettings) -> list[int]:
+    messages = req.chat_messages()
+    if sum(len(m["content"]) for m in messages) > 32 * s.prompt_limit + 64:
+        raise APIError(400, f"the messages are far longer than the limit of {s.prompt_limit} tokens",
+                       param="messages", code="context_length_exceeded")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+    except Exception as e:  # noqa: BLE001 (jinja errors raised by the template on these messages)
+        raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}"[:300],
+                       param="messages") from None
+    return tokenizer.encode(text)
+
+
+# -- completions --------------------------------------------------------------------------------------
+async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, asyncio.Queue]:
+    """Parse and validate the request, tokenize it (in a thread), submit its Job; returns the
+    request, the job and the queue its events arrive on."""
+    st = AppState.of(request)
+    s = st.settings
+    req = schemas.parse(schemas.ChatRequest if chat else schemas.CompletionRequest,
+                        await read_json(request, s.max_body_bytes))
+    check_model(req, s)
+    stops = req.stop_list()
+    mode, block_len, threshold = decoding(req, s)
+    samp = sampling(req)
+    ids = await asyncio.to_thread(encode_chat if chat else encode_completion, req, st.tokenizer, s)
+    if not ids:
+        raise APIError(400, "the prompt encodes to zero tokens", param="messages" if chat else "prompt")
+    max_tokens = budget(req, len(ids), s)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(event: Event) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    eos = st.tokenizer.eos_id
+    stop_ids = frozenset(({eos} if eos is not None else set()) | (st.chat_stop if chat else set()))
+    job = Job(prompt=ids, max_tokens=max_tokens, mode=mode, block_len=block_len, threshold=threshold,
+              stop_ids=stop_ids, stops=stops, sink=sink, sampling=samp)
+    st.engine.submit(job)  # APIError 429 when the queue is full
+    return req, job, queue
+
+
+async def events(request: Request, job: Job, queue: asyncio.Queue, *, watch: bool,
+                 deadline: float) -> AsyncIterator[Event]:
+    """The job's events until Done / Failed; cancels the job on timeout, disconnect or exit."""
+    st = AppState.of(request)
+    engine = st.engine
+    gone = asyncio.ensure_future(request.receive()) if watch else None
+    try:
+        while True:
+            get = asyncio.ensure_future(queue.get())
+            wait = [get] + ([gone] if gone is not None else [])
+            done, _ = await asyncio.wait(wait, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                if gone is not None and gone in done:
+                    if gone.result().get("type") == "http.disconnect":
+                        engine.cancel(job)
+                        return
+                    gone = asyncio.ensure_future(request.receive())
+                    continue
+                engine.cancel(job)
+                engine.metrics.rejected.inc(reason="timeout")
+                raise APIError(408, f"the request did not finish within {st.settings.request_timeout:g} s "
+                                    f"(--request-timeout)", type="timeout_error", code="timeout")
+            ev = get.result()
+            yield ev
+            if isinstance(ev, (Done, Failed)):
+                return
+    finally:
+        if gone is not None:
+            gone.cancel()
+        if not job.finished:
+            engine.cancel(job)
+
+
+async def completions(request: Request) -> Response:
+    return await complete(request, chat=False)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await complete(request, chat=True)
+
+
+async def complete(request: Request, chat: bool) -> Response:
+    st = AppState.of(request)
+    deadline = time.monotonic() + st.settings.request_timeout  # from arrival: queueing counts
+    req, job, queue = await submit(request, chat)
+    reply = _Reply(schemas.new_id("chatcmpl" if chat else "cmpl"), st.settings.model_name, schemas.now(), chat)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _JobStream(st.engine, job, stream(request, job, queue, reply, include_usage, deadline),
+                          media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                   "X-Accel-Buffering": "no"})
+    parts: list[str] = []
+    info = None
+    async for ev in events(request, job, queue, watch=True, deadline=deadline):
+        if isinstance(ev, Decoding):
+            info = ev.info
+        elif isinstance(ev, Text):
+            parts.append(ev.text)
+        elif isinstance(ev, Failed):
+            raise ev.error
+        elif isinstance(ev, Done):
+            build = schemas.chat if chat else schemas.completion
+            return JSONResponse(build(reply.rid, reply.name, reply.created, "".join(parts), _finish(ev.reason),
+                                      ev.usage, info))
+    return Response(status_code=499)  # the client went away
+
+
+@dataclass(frozen=True)
+class _Reply:
+    rid: str
+    name: str
+    created: int
+    chat: bool
+
+    def delta(self, text: str | None, finish: str | None) -> dict:
+        """One chunk: a text delta (None: the chat role announcement), or the finish chunk."""
+        if self.chat:
+            content = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return schemas.chat_chunk(self.rid, self.name, self.created, content, finish)
+        return schemas.completion_chunk(self.rid, self.name, self.created, text or "", finish)
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def stream(request: Request, job: Job, queue: asyncio.Queue, reply: _Reply, include_usage: bool,
+                 deadline: float) -> AsyncIterator[bytes]:
+    if reply.chat:
+        yield _sse(reply.delta(None, None))
+    info = None
+    try:
+        async for ev in events(request, job, queue, watch=False, deadline=deadline):
+            if isinstance(ev, Decoding):
+                info = ev.info
+            elif isinstance(ev, Text):
+                yield _sse(reply.delta(ev.text, None))
+            elif isinstance(ev, Failed):
+                yield _sse(ev.error.body())
+            elif isinstance(ev, Done):
+                yield _sse(reply.delta("", _finish(ev.reason)))
+                if include_usage:
+                    obj = "chat.completion.chunk" if reply.chat else "text_completion"
+                    yield _sse(schemas.usage_chunk(reply.rid, reply.name, reply.created, obj, ev.usage, info))
+    except APIError as e:  # a timeout once streaming has begun: report it in the stream
+        yield _sse(e.body())
+    yield b"data: [DONE]\n\n"
 
 
 class _JobStream(StreamingResponse):

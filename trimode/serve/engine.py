@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .metrics import ServerMetrics
-from .schemas import APIError
+from .schemas import APIError, usage
 from .text import TextStream
 
 log = logging.getLogger("trimode.serve")
@@ -52,11 +52,42 @@ class EngineConfig:
             raise ValueError(f"auto_crossover must be >= 0, got {self.auto_crossover}")
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """The job was admitted: the decoding it runs (mode, requested mode, block_len, threshold)."""
+
+    info: dict
+
+
+@dataclass(frozen=True)
+class Text:
+    """New output text (a delta)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job finished: "stop" | "length" | "cancelled", and its OpenAI usage."""
+
+    reason: str
+    usage: dict
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed with an error the client is told."""
+
+    error: APIError
+
+
+Event = Decoding | Text | Done | Failed
+
+
 @dataclass(eq=False)
 class Job:
-    """One request inside the engine. `sink(event)` is called from the worker thread with
-    ("decoding", dict) once admitted, ("text", str) deltas, then ("done", finish_reason, usage) or
-    ("error", APIError)."""
+    """One request inside the engine. `sink(event)` is called from the worker thread with a
+    `Decoding` once admitted, `Text` deltas, then `Done` or `Failed`."""
 
     prompt: list[int]
     max_tokens: int
@@ -65,7 +96,7 @@ class Job:
     threshold: float
     stop_ids: frozenset[int]
     stops: list[str]
-    sink: Callable[[tuple], None]
+    sink: Callable[[Event], None]
     sampling: Any = None  # SamplingParams; None = greedy
     # engine state
     cancelled: bool = False
@@ -301,7 +332,7 @@ class Engine:
             self.metrics.forwards.inc(mode=key[0], kind=str(getattr(s, "kind", "?")))
 
     # -- events ---------------------------------------------------------------------------------
-    def _send(self, job: Job, event: tuple) -> None:
+    def _send(self, job: Job, event: Event) -> None:
         try:
             job.sink(event)
         except Exception:  # noqa: BLE001 (the client's loop may be closed; the job just ends)
@@ -315,7 +346,7 @@ class Engine:
                 info["block_len"] = block_len
             if mode == "diffusion":
                 info["threshold"] = threshold
-            self._send(j, ("decoding", info))
+            self._send(j, Decoding(info))
 
     def _deliver(self, jobs: list[Job]) -> None:
         now = time.perf_counter()
@@ -331,14 +362,14 @@ class Engine:
                     self.metrics.ttft.observe(now - j.t_submit, mode=j.chosen)
                 text = j.text.feed(new)
                 if text:
-                    self._send(j, ("text", text))
+                    self._send(j, Text(text))
             if j.text.stopped:
                 row.cancel()  # the decoder drops it at the next boundary
                 self._finish(j, "stop")
             elif row.done:
                 tail = j.text.finish()
                 if tail:
-                    self._send(j, ("text", tail))
+                    self._send(j, Text(tail))
                 self._finish(j, row.finish_reason or "length")
 
     def _finish(self, job: Job, reason: str) -> None:
@@ -354,15 +385,13 @@ class Engine:
             m.tpf.observe(n / nfe, mode=job.chosen)
         for a in stats.get("acceptance") or ():
             m.acceptance.observe(a, mode=job.chosen)
-        from .schemas import usage
-
-        self._send(job, ("done", reason, usage(len(job.prompt), n, nfe)))
+        self._send(job, Done(reason, usage(len(job.prompt), n, nfe)))
         self._retire(job)
 
     def _fail(self, job: Job, err: APIError) -> None:
         if job.row is not None and not job.row.done:
             job.row.cancel()
-        self._send(job, ("error", err))
+        self._send(job, Failed(err))
         self._retire(job)
 
     def _retire(self, job: Job) -> None:
