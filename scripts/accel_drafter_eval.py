@@ -28,7 +28,8 @@ from trimode.bench.suites import CATEGORIES, build_suites
 from trimode.checkpoint import load_model
 from trimode.peft import load_adapter
 from trimode.tokenizer import load_tokenizer
-from trimode.train.drafter import category_texts, chat_prompts, resolve_model_dir
+from trimode.train.distill import category_texts, chat_prompts
+from trimode.train.drafter import resolve_model_dir
 from trimode.train.evaluate import encode_files, heldout_paths, make_prompts
 
 

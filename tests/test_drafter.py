@@ -12,15 +12,9 @@ from _tiny import PROMPTS, tiny_model
 from trimode import generate, masks
 from trimode.checkpoint import export_nld, load_model, save_model
 from trimode.peft import load_adapter, save_adapter
-from trimode.train.drafter import (
-    DrafterConfig,
-    ar_continuations,
-    default_out,
-    draft_training_inputs,
-    draft_training_mask,
-    fit_drafter,
-    reinit_adapter,
-)
+from trimode.train.distill import ar_continuations
+from trimode.train.draft_objective import draft_training_inputs, draft_training_mask
+from trimode.train.drafter import DrafterConfig, default_out, fit_drafter, reinit_adapter
 
 N = 24
 

@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..checkpoint import load_model
     from ..tokenizer import load_tokenizer
-    from .drafter import resolve_model_dir, train_prompts
+    from .distill import train_prompts
+    from .drafter import resolve_model_dir
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
 
