@@ -43,13 +43,13 @@ def test_smollm2_matches_transformers_gguf_loader(tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
+    from trimode.checkpoint import load_model
     from trimode.convert import find_smollm2_gguf
-    from trimode.train.checkpointing import load_native
 
     gguf = find_smollm2_gguf()
     out = tmp_path / "smollm2"
     assert convert_main(["--out", str(out)]) == 0
-    ours = load_native(out).eval()
+    ours = load_model(out).eval()
     assert ours.config.tie_word_embeddings and ours.config.num_layers == 30
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"

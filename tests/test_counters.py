@@ -238,7 +238,7 @@ def test_server_usage_forwards_follow_row_nfe():
     pytest.importorskip("fastapi")
     from trimode.checkpoint import load_model
     from trimode.cli import BUNDLED
-    from trimode.serve.engine import Engine, EngineConfig, Job
+    from trimode.serve.engine import Done, Engine, EngineConfig, Failed, Job
     from trimode.tokenizer import load_tokenizer
 
     tok = load_tokenizer(BUNDLED)
@@ -260,14 +260,14 @@ def test_server_usage_forwards_follow_row_nfe():
                     eng.submit(Job(prompt=p, max_tokens=16, mode="diffusion", block_len=4, threshold=0.1,
                                    stop_ids=frozenset({tok.eos_id}), stops=[], sink=e.append))
             t0 = time.time()
-            while not all(e and e[-1][0] in ("done", "error") for e in evs):
+            while not all(e and isinstance(e[-1], (Done, Failed)) for e in evs):
                 assert time.time() - t0 < 120
                 time.sleep(0.01)
         finally:
             eng.close()
         for a, e in zip(alone, evs):
-            assert e[-1][0] == "done", e[-1]
-            use = e[-1][2]
+            assert isinstance(e[-1], Done), e[-1]
+            use = e[-1].usage
             assert use["completion_tokens"] == len(a.tokens) and use["forwards"] == a.nfe
         assert eng.metrics.forwards.get(mode="diffusion", kind="prefill") == 1  # one batch
         assert eng.metrics.row_forwards.get(mode="diffusion") == sum(a.nfe for a in alone)

@@ -105,7 +105,7 @@ def test_fsdp2_two_processes_equal_one_process(runs):
     assert [r["step"] for r in ref if "val_ar_loss" in r] == [0, 2, 4, 5]
     assert max(r["grad_norm"] for r in ref if "grad_norm" in r) > 1.0  # clipping (grad_clip 1.0) is exercised
     assert_same_curve(ref, fsdp)
-    state = torch.load(C.latest_checkpoint(tmp / "fsdp") / "train_state.pt", weights_only=False)
+    state = torch.load(C.latest_checkpoint(tmp / "fsdp") / "train_state.pt", weights_only=True)
     assert (state["dist"], state["world_size"]) == ("fsdp2", 2)
     # Full (unsharded) checkpoints: every tensor has its full shape and loads with trimode.load_model.
     for step in (3, 5):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trimode.checkpoint import load_model, save_model
 from trimode.train import checkpointing as C
 from trimode.train.cli import main as train_main
 from trimode.train.config import TrainConfig, build_config, parse_overrides
@@ -51,7 +52,7 @@ def test_twenty_steps_lower_both_losses(tmp_path):
     ck = C.latest_checkpoint(cfg.out_dir)
     assert ck is not None and ck.name == "step_00000020"
     assert (ck / "tokenizer.json").exists() and (ck / "config.json").exists()
-    model = C.load_native(ck)
+    model = load_model(ck)
     assert model.config.mask_token_id is not None
 
 
@@ -67,8 +68,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     for ra, rb in zip(la, lb):
         assert ra["ar_loss"] == pytest.approx(rb["ar_loss"], rel=1e-6, abs=1e-6)
         assert ra["diff_loss"] == pytest.approx(rb["diff_loss"], rel=1e-6, abs=1e-6)
-    wa = C.load_native(C.latest_checkpoint(a.out_dir)).state_dict()
-    wb = C.load_native(C.latest_checkpoint(b.out_dir)).state_dict()
+    wa = load_model(C.latest_checkpoint(a.out_dir)).state_dict()
+    wb = load_model(C.latest_checkpoint(b.out_dir)).state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
@@ -114,8 +115,8 @@ def test_bad_corpus_and_init(tmp_path, capsys):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (hf / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="not a trimode checkpoint"):
-        C.load_native(hf)
+    with pytest.raises(ValueError, match="lacks required field 'hidden_size'"):
+        load_model(hf)
     rc = train_main(["--data", str(empty), "--out_dir", str(tmp_path / "r4"), "--progress", "false"])
     assert rc == 2 and "empty" in capsys.readouterr().err
 
@@ -153,10 +154,10 @@ def test_unreadable_corpus_file(tmp_path, monkeypatch):
 
 
 def test_init_or_resume_with_another_architecture(tmp_path):
-    """--init with a non-trimode dir, with weights that do not fit their config, with a vocabulary
+    """--init with a dir that is no checkpoint, with weights that do not fit their config, with a vocabulary
     smaller than the tokenizer; --resume after changing the preset: each a ValueError, nothing trained."""
     from trimode.config import ModelConfig
-    from trimode.model import Transformer
+    from trimode.model import Transformer, init_weights
 
     tok = Path(__file__).resolve().parents[1] / "trimode" / "assets" / "bundled"  # 4096 tokens, has <|mask|>
 
@@ -167,20 +168,20 @@ def test_init_or_resume_with_another_architecture(tmp_path):
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     (llama / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="not a trimode checkpoint"):
+    with pytest.raises(ValueError, match="lacks required field"):
         train(init_run("r1", llama), log=lambda *_: None)
 
     mc = ModelConfig(vocab_size=4200, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=16, max_seq_len=256, mask_token_id=3)
     other = tmp_path / "other"
-    C.save_native(Transformer(mc), other)
+    save_model(init_weights(Transformer(mc), seed=0), other)
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))  # weights say 128
-    with pytest.raises(ValueError, match="does not match its config: .*mlp.*shape"):
+    with pytest.raises(ValueError, match="mlp.*has shape .*, expected"):
         train(init_run("r2", other), log=lambda *_: None)
 
     small = tmp_path / "small_vocab"
-    C.save_native(Transformer(mc.replace(vocab_size=300)), small)
+    save_model(init_weights(Transformer(mc.replace(vocab_size=300)), seed=0), small)
     with pytest.raises(ValueError, match="tokenizer has .* tokens but the --init model's vocabulary is 300"):
         train(init_run("r3", small), log=lambda *_: None)
 
@@ -198,7 +199,7 @@ def _assert_intact(out_dir: str, good: Path) -> None:
 
     assert C.latest_checkpoint(out_dir) == good
     trimode.load_model(good)
-    assert torch.load(good / "train_state.pt", weights_only=False)["step"] == int(good.name.split("_")[1])
+    assert torch.load(good / "train_state.pt", weights_only=True)["step"] == int(good.name.split("_")[1])
     root = C.checkpoint_root(out_dir)
     assert [p for p in os.listdir(root) if p.startswith(".")] == []
     assert sorted(p for p in os.listdir(root) if p.startswith("step_")) == [good.name]
@@ -222,7 +223,7 @@ def test_full_disk_while_writing_the_weights(tmp_path, monkeypatch, capsys):
             Path(filename).write_bytes(b"\0" * 1000)  # some bytes reached the disk, then it filled up
             raise error
 
-        monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+        monkeypatch.setattr("trimode._io.save_file", half_written)  # the one weights writer
         with pytest.raises(C.CheckpointError, match="step_00000004.*No space left"):
             train(cfg.replace(resume=True), log=lambda *_: None)
         _assert_intact(cfg.out_dir, good)
@@ -263,7 +264,7 @@ def test_full_disk_while_moving_the_latest_pointer(tmp_path, monkeypatch):
         f = builtins.open(path, mode, *a, **k)
         return Full(f) if Path(path).name.startswith(f".{C.LATEST}.tmp") else f
 
-    monkeypatch.setattr(C, "open", fake_open, raising=False)
+    monkeypatch.setattr("trimode._io.open", fake_open, raising=False)  # where the pointer is written
     with pytest.raises(C.CheckpointError, match="No space left"):
         train(cfg.replace(resume=True), log=lambda *_: None)
     assert C.latest_checkpoint(cfg.out_dir) == good

@@ -39,6 +39,32 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def load_state(path: Path, what: str) -> Any:
+    """torch.load(path) of tensors, numbers, strings and containers only (weights_only: a file can
+    never run code); anything else, or a damaged file, is a ValueError naming `what` and the file."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # UnpicklingError (a foreign object in the pickle), a truncated file, ...
+        raise ValueError(f"refusing {what} {path}: it is not a plain tensor file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}); trimode never unpickles "
+                         "code from files") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace the file `path` by `text` in one rename (a reader sees the old or the new text, whole)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one stored tensor lives and what its header says, read before any data is loaded."""

@@ -224,9 +224,15 @@ def load_model(
 
 
 # -- saving -----------------------------------------------------------------------------------
-def base_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """Base weights only: adapters are saved separately, in PEFT format."""
-    return {k: v for k, v in model.state_dict().items() if ".adapters." not in k}
+def base_state(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Base weights only (adapters are saved separately, in PEFT format), without the output head
+    when it is tied to the embedding. state: the full weights to use instead of model.state_dict()
+    (an FSDP2 run passes the ones it gathered from its shards)."""
+    src = model.state_dict() if state is None else state
+    out = {k: v for k, v in src.items() if ".adapters." not in k}
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
 
 
 def _check_tokenizer(model: Transformer, tokenizer: Tokenizer | None) -> None:
@@ -236,23 +242,31 @@ def _check_tokenizer(model: Transformer, tokenizer: Tokenizer | None) -> None:
         tokenizer.check_model(model.config)
 
 
-def save_model(model: Transformer, path: str | Path, *, tokenizer: Tokenizer | None = None) -> None:
-    """Write `model` in the native layout at directory `path`, replacing a previous checkpoint atomically.
+def save_model(model: Transformer, path: str | Path, *, tokenizer: Tokenizer | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `model` in the native layout at directory `path`, replacing a previous checkpoint atomically
+    (`write_model` inside `_io.atomic_dir`)."""
+    with atomic_dir(path, marker="config.json") as tmp:
+        write_model(model, tmp, tokenizer=tokenizer, state=state)
 
-    config.json (ModelConfig.to_dict) + model.safetensors (base weights) + adapters/<name>/ (PEFT)
-    for every adapter, + the tokenizer's files when `tokenizer` is given.
-    """
+
+def write_model(model: Transformer, directory: str | Path, *, tokenizer: Tokenizer | None = None,
+                state: dict[str, torch.Tensor] | None = None) -> None:
+    """The native layout, written into `directory` (the one writer of it; `save_model` makes it atomic):
+    config.json (ModelConfig.to_dict) + model.safetensors (base weights, or `state`: see base_state) +
+    adapters/<name>/ (PEFT) for every adapter, + the tokenizer's files when `tokenizer` is given."""
     _check_tokenizer(model, tokenizer)
     names = sorted(peft.adapter_names(model))
     for name in names:
         peft.check_adapter_name(name)
-    with atomic_dir(path, marker="config.json") as tmp:
-        if tokenizer is not None:
-            tokenizer.save(tmp)  # first, so our config.json always wins over a stray one
-        write_json(tmp / "config.json", model.config.to_dict())
-        save_tensors(base_state(model), tmp / WEIGHTS)
-        for name in names:
-            peft.write_adapter(model, name, tmp / ADAPTERS_DIR / name)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(d)  # first, so our config.json always wins over a stray one
+    write_json(d / "config.json", model.config.to_dict())
+    save_tensors(base_state(model, state), d / WEIGHTS)
+    for name in names:
+        peft.write_adapter(model, name, d / ADAPTERS_DIR / name)
 
 
 def export_nld(model: Transformer, path: str | Path, *, tokenizer: Tokenizer | None = None) -> None:

@@ -93,9 +93,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, mask_token: str 
     progress: a progress bar over the tensors on stderr."""
     from gguf import GGUFReader
 
+    from .checkpoint import write_model
     from .config import ModelConfig
     from .model import Transformer
-    from .train.checkpointing import save_native
 
     path = Path(gguf_path)
     if not path.is_file():
@@ -178,7 +178,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, mask_token: str 
         "model_max_length": cfg.max_seq_len,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
-    save_native(model, out)
+    write_model(model, out)
     (out / "CONVERTED_FROM.json").write_text(json.dumps({"gguf": str(path), "name": _field(reader, "general.name"),
                                                          "mask_token": mask_token}, indent=2) + "\n")
     return out

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .._io import load_state
+from ..checkpoint import load_model, write_model
+from ..tokenizer import load_tokenizer
 from . import checkpointing as C
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "bundled"
@@ -25,14 +28,14 @@ def export(run_dir: str | Path, out: str | Path = DEFAULT_OUT, *, step: int | No
     ck = C.checkpoint_root(run) / f"step_{step:08d}" if step is not None else C.latest_checkpoint(run)
     if ck is None or not (ck / "model.safetensors").exists():
         raise ValueError(f"no checkpoint found in {str(run)!r}")
-    model = C.load_native(ck).to(torch.float16)
+    model = load_model(ck, dtype=torch.float16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    C.save_native(model, out, tokenizer_dir=ck)
+    write_model(model, out, tokenizer=load_tokenizer(ck))
     info_path = run / "data_info.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        state = torch.load(ck / "train_state.pt", weights_only=False)
+        state = load_state(ck / "train_state.pt", "the trainer state")
         (out / "heldout_files.json").write_text(json.dumps({
             "root": "sysconfig.get_paths()['stdlib']", "files": info["val_files"],
             "train_files": info["files_train"], "train_tokens": info["tokens_train"],

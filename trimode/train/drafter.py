@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .._io import load_state
 from .distill import TRAIN_SOURCES, Sequences, ar_continuations, sample_anchors, train_prompts
 from .draft_objective import DRAFT, drafter_loss
 
@@ -256,7 +257,7 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
 
     model.eval()
     if cfg.data_cache and Path(cfg.data_cache).exists():
-        seqs = Sequences(**torch.load(cfg.data_cache, weights_only=True))
+        seqs = Sequences(**load_state(Path(cfg.data_cache), "the self-distillation cache"))
         log(f"{len(seqs.tokens)} self-distillation sequences from {cfg.data_cache}")
         prompts = seqs.tokens  # only counted below
     else:
@@ -280,10 +281,9 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
     state = None
     if cfg.resume and (out / STATE).exists():
         try:
-            state = torch.load(out / STATE, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say so instead of a traceback
-            raise ValueError(f"cannot read the trainer state {out / STATE} ({e}); "
-                             "pass --no-resume to start over") from e
+            state = load_state(out / STATE, "the trainer state")
+        except ValueError as e:  # a truncated or foreign file: say so instead of a traceback
+            raise ValueError(f"{e}; pass --no-resume to start over") from None
         if state.get("settings") != settings:
             diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
             raise ValueError(f"{out / STATE} was written by a run with other settings ({', '.join(diff)}); "

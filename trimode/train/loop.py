@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._io import load_state
+from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..model import Transformer, init_weights
 from . import checkpointing as C
@@ -71,7 +73,7 @@ class Order:
 
 def build_model(cfg: TrainConfig, ds: Dataset) -> Transformer:
     if cfg.init:
-        model = C.load_native(cfg.init)
+        model = load_model(cfg.init, dtype=torch.float32)
         if ds.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"tokenizer has {ds.vocab_size} tokens but the --init model's vocabulary is {model.config.vocab_size}"
@@ -263,7 +265,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     st = None
     if cfg.resume and (ck := C.latest_checkpoint(out)) is not None:
         # Full weights go into the unsharded model; FSDP2 shards them below.
-        resumed = C.load_native(ck).state_dict()
+        resumed = load_model(ck, dtype=torch.float32).state_dict()
         ours = model.state_dict()
         diff = [k for k in ours if k not in resumed or resumed[k].shape != ours[k].shape]
         if diff or set(resumed) - set(ours):
@@ -272,7 +274,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
                 f"{(diff or sorted(set(resumed) - set(ours)))[0]}); resume with the config it was written with"
             )
         model.load_state_dict(resumed)
-        st = torch.load(ck / "train_state.pt", weights_only=False)
+        st = load_state(ck / "train_state.pt", "the trainer state")
         start = int(st["step"])
         if rank == 0 and log_path.exists():  # drop records after the checkpoint: the log stays exact
             keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]

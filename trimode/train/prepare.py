@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import load_state
 from . import data as D
 from .config import TrainConfig
 
@@ -55,8 +56,12 @@ def build_dataset(cfg: TrainConfig, *, log=print) -> Dataset:
     tok_dir = out / "tokenizer"
     fp = _fingerprint(cfg)
     if cache_path.exists() and (tok_dir / "tokenizer.json").exists():
-        blob = torch.load(cache_path, weights_only=False)
-        if blob.get("fingerprint") == fp:
+        try:
+            blob = load_state(cache_path, "the dataset cache")
+        except ValueError as e:  # a cache is derived data: say why, and build it again
+            log(f"{e}; rebuilding it")
+            blob = {}
+        if isinstance(blob, dict) and blob.get("fingerprint") == fp:
             return Dataset(tokenizer_dir=tok_dir, **blob["dataset"])
     files = D.resolve_files(cfg.data, suffixes=cfg.suffixes, exclude=cfg.exclude, max_file_bytes=cfg.max_file_bytes)
     if cfg.val_data:  # explicit held-out files instead of the hash split

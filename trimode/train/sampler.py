@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import load_state
 from ..decode.learned import FEATURES, KINDS, Sampler, build_scorer, slot_features
 from ..decode.policies import PolicyContext
 
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the model has no mask token: diffusion mode needs one")
         t0 = time.perf_counter()
         if args.data_cache and Path(args.data_cache).exists():
-            data = Trajectories(**torch.load(args.data_cache))
+            data = Trajectories(**load_state(Path(args.data_cache), "the trajectory cache"))
             log(f"{len(data)} trajectory records from {args.data_cache}")
         else:
             prompts = train_prompts(mdir, tok, args.prompts, n=args.n_prompts, prompt_len=args.prompt_len,
