@@ -27,7 +27,7 @@ def tiny_model(*, seed: int = 1, dlm_type: str = "llada", eos: int | None = None
     return m.to(dtype).eval()
 
 
-class Oracle:
+class StubDrafter:
     """A stub drafter: proposes the reference continuation, corrupted where `wrong(i)` says so.
 
     drafts[b, i] is the proposal for generated token number len(rows[b].tokens) + i of the row in

@@ -23,12 +23,7 @@ ALL = [Config("ar"), Config("diffusion", 4, 0.9), Config("diffusion", 4, None, "
        Config("quadratic", 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

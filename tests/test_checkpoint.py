@@ -17,13 +17,7 @@ CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_laye
                   head_dim=24, max_seq_len=256, mask_token_id=100, bos_token_id=1, eos_token_id=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a busy 2-core machine intra-op threads cost far more than they save.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(config: ModelConfig = CFG, *, seed: int = 0, std: float = 0.2) -> Transformer:

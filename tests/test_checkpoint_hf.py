@@ -26,13 +26,7 @@ ORIG_MAX = 64  # small original context, so a 200-token sequence crosses the YaR
 SEQ = 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: on a busy 2-core machine, intra-op threading costs 50x more than it saves.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model: torch.nn.Module) -> None:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from _tiny import PROMPTS, Oracle, tiny_model
+from _tiny import PROMPTS, StubDrafter, tiny_model
 
 from trimode.decode import DecodeConfig, Row, generate, make_decoder
 from trimode.decode import Oracle as OraclePolicy
@@ -63,7 +63,7 @@ def expected_acceptance(calls, ref: list[int]) -> list[int]:
 
 def stub(case: str, reference) -> Recorder:
     wrong = STUBS[case]
-    return Recorder(None if wrong is None else Oracle(reference, 96, 95, wrong))
+    return Recorder(None if wrong is None else StubDrafter(reference, 96, 95, wrong))
 
 
 def decode(model, mode, budgets, *, stop_ids=(), **cfg) -> list[Row]:
@@ -152,14 +152,14 @@ def test_budget_cut_reports_what_the_verifier_accepted(model, reference, mode):
     """Row 0 (budget 6) shares its second cycle with row 1 (budget 24): the cycle is a full block, the
     verifier accepts all of it, the budget keeps one token. acceptance says 4 (the verifier's
     decision), step_tokens 1 (what was kept); alone, the last cycle is narrowed to the budget."""
-    rec = Recorder(Oracle(reference, 96, 95))
+    rec = Recorder(StubDrafter(reference, 96, 95))
     rows = decode(model, mode, [6, N], block_len=K, draft_override=rec)
     st = rows[0].stats(mode)
     assert rows[0].finish_reason == "length" and rows[0].tokens == reference[0][:6]
     assert st["acceptance"] == [K, K] == expected_acceptance([c for c in rec.calls if c[0] == 0], reference[0])
     assert st["step_tokens"][-1] == 1 and sum(st["step_tokens"]) == 6
     alone = generate(model, [PROMPTS[0]], mode=mode, max_new_tokens=6, block_len=K,
-                     draft_override=Oracle(reference, 96, 95))[0]
+                     draft_override=StubDrafter(reference, 96, 95))[0]
     assert alone.tokens == rows[0].tokens and alone.stats["acceptance"] == [K, 1]
 
 

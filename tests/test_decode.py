@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _tiny import PROMPTS, Oracle, tiny_model
+from _tiny import PROMPTS, StubDrafter, tiny_model
 
 from trimode import generate
 
@@ -87,7 +87,7 @@ def test_stub_drafters(models, case, mode):
     wrong, acceptance, nfe_linear, nfe_quadratic = CASES[case]
     m = models[False]
     ref = generate(m, [PROMPTS[0]], mode="ar", max_new_tokens=20)[0].tokens
-    stub = Oracle([ref], 96, 95, wrong)
+    stub = StubDrafter([ref], 96, 95, wrong)
     g = generate(m, [PROMPTS[0]], mode=mode, max_new_tokens=20, block_len=4, draft_override=stub)[0]
     assert g.tokens == ref
     assert g.stats["acceptance"] == acceptance
@@ -160,7 +160,7 @@ def test_rows_finishing_mid_cycle_beside_slow_rows(models, mode):
     m = models[False]
     prompts = [PROMPTS[0], PROMPTS[0]]
     longer = [g.tokens for g in generate(m, prompts, mode="ar", max_new_tokens=24)]
-    stub = Oracle([longer[0], [(t + 1) % 95 for t in longer[1]]], 96, 95)  # row 0 right past any budget
+    stub = StubDrafter([longer[0], [(t + 1) % 95 for t in longer[1]]], 96, 95)  # row 0 right past any budget
     for n in (5, 9, 10, 11):
         out = generate(m, prompts, mode=mode, max_new_tokens=n, block_len=4, draft_override=stub)
         assert [g.tokens for g in out] == [t[:n] for t in longer]

@@ -31,6 +31,9 @@ class StubDenoiser(torch.nn.Module):
     device = property(lambda self: torch.device("cpu"))
     dtype = property(lambda self: torch.float32)
 
+    def adapter_names(self):  # part of the decoders' model interface (trimode.decode.DecodableModel)
+        return set()
+
     def new_cache(self, B, S):
         return KVCache(self.config, B, S)
 

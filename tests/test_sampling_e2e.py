@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import PROMPTS, Oracle, tiny_model
+from _tiny import PROMPTS, StubDrafter, tiny_model
 
 from trimode import generate, sampling
 from trimode.bench.chi2 import chi2_sf, chi2_two_sample
@@ -118,7 +118,7 @@ def test_greedy_is_unchanged(model):
 
 def test_rule_falls_back_to_match_for_overridden_drafts(model):
     ref = [g.tokens for g in generate(model, PROMPTS, mode="ar", max_new_tokens=12)]
-    oracle = Oracle(ref, vocab=96, mask_id=95)
+    oracle = StubDrafter(ref, vocab=96, mask_id=95)
     for mode in ("linear", "quadratic"):
         gens = generate(model, PROMPTS, mode=mode, max_new_tokens=12, block_len=4, temperature=1.0, seed=0,
                         acceptance="rejection", draft_override=oracle)

@@ -8,6 +8,7 @@ with the logits; all of that lives in `trimode.decode`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@dataclass(frozen=True)
+class ForwardContext:
+    """What every layer of one forward shares: rotary tables (B, 1, T, D), the llama-4 query scale
+    (B, 1, T, 1) or None, the attention mask (B, 1, T, S) or None (causal), the cache and its width S."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_scale: torch.Tensor | None
+    mask: torch.Tensor | None
+    cache: KVCache | None
+    S: int
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -75,34 +89,23 @@ class Attention(nn.Module):
         self.v_proj = AdaptableLinear(c.hidden_size, c.kv_dim)
         self.o_proj = AdaptableLinear(c.q_dim, c.hidden_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        q_scale: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        layer: int,
-        S: int,
-        adapter: str | None,
-        gate: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int, *, adapter: str | None,
+                gate: torch.Tensor | None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         q = self.q_proj(x, adapter, gate).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x, adapter, gate).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x, adapter, gate).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if q_scale is not None:
-            q = q * q_scale  # llama-4 query temperature, after RoPE, queries only
-        if cache is not None:
-            k, v = cache.write(layer, k, v, S)  # (B, H_kv, S, D)
-        if mask is None:
+        q = q * ctx.cos + rotate_half(q) * ctx.sin
+        k = k * ctx.cos + rotate_half(k) * ctx.sin
+        if ctx.q_scale is not None:
+            q = q * ctx.q_scale  # llama-4 query temperature, after RoPE, queries only
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(layer, k, v, ctx.S)  # (B, H_kv, S, D)
+        if ctx.mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, c.q_dim)
         return self.o_proj(out, adapter, gate)
 
@@ -127,10 +130,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, *args: object, adapter: str | None, gate: torch.Tensor | None
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), *args, adapter, gate)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int, *, adapter: str | None,
+                gate: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), ctx, layer, adapter=adapter, gate=gate)
         return h + self.mlp(self.post_attention_layernorm(h), adapter, gate)
 
 
@@ -288,8 +290,9 @@ class Transformer(nn.Module):
         if adapter is not None and adapter_tokens is not None:
             gate = adapter_tokens.to(device=dev, dtype=dt)[..., None]  # (B, T, 1)
         x = self.embed_tokens(tokens)  # (B, T, hidden)
+        ctx = ForwardContext(cos, sin, q_scale, mask, cache, S)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, q_scale, mask, cache, i, S, adapter=adapter, gate=gate)
+            x = layer(x, ctx, i, adapter=adapter, gate=gate)
         if at is not None:
             idx = at.to(dev)
             x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, hidden)

@@ -16,7 +16,7 @@ import torch
 
 from ..sampling import SamplingParams
 from .ar import ARDecoder
-from .batch import DecodeConfig, Decoder, DraftOverride, validate_rows
+from .batch import DecodableModel, DecodeConfig, Decoder, DraftOverride, validate_rows
 from .diffusion import DiffusionDecoder
 from .linear import LinearDecoder
 from .policies import EvenSchedule, JointThreshold, Oracle, PolicyContext, Threshold
@@ -48,7 +48,7 @@ REGISTRY: dict[Mode, type[Decoder]] = {
 }
 
 
-def make_decoder(model: torch.nn.Module, mode: str | Mode, cfg: DecodeConfig) -> Decoder:
+def make_decoder(model: DecodableModel, mode: str | Mode, cfg: DecodeConfig) -> Decoder:
     """A step-level decoder for one mode and config; rows join with `admit`, advance with `cycle`."""
     return REGISTRY[Mode.parse(mode)](model, cfg)
 
@@ -73,7 +73,7 @@ def _check_prompts(prompts: object) -> None:
 
 
 def prepare(
-    model: torch.nn.Module,
+    model: DecodableModel,
     prompts: Sequence[Sequence[int]],
     *,
     mode: str | Mode,
@@ -145,7 +145,7 @@ def _sampling(
     return [None if p.greedy else p for p in params]
 
 
-def run(model: torch.nn.Module, mode: Mode, cfg: DecodeConfig, rows: Sequence[Row]) -> Iterator[Step]:
+def run(model: DecodableModel, mode: Mode, cfg: DecodeConfig, rows: Sequence[Row]) -> Iterator[Step]:
     """Drive a prepared request: one `Step` per forward (new_tokens indexed in prompt order, i.e. by
     row.index); tokens and counters accumulate in `rows`."""
 
@@ -173,7 +173,7 @@ def generations(rows: Sequence[Row], mode: Mode) -> list[Generation]:
 
 
 def generate(
-    model: torch.nn.Module,
+    model: DecodableModel,
     prompts: Sequence[Sequence[int]],
     *,
     mode: str | Mode,
@@ -209,6 +209,7 @@ __all__ = [
     "EMIT",
     "FORWARD_KINDS",
     "PREFILL",
+    "DecodableModel",
     "DecodeConfig",
     "Decoder",
     "EvenSchedule",

@@ -19,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from .. import masks
 from ..cache import KVCache
+from ..config import ModelConfig
 from ..sampling import U_DRAFT, U_SAMPLE, BatchSampler, resolve_rule
 from .rows import Row, Step
 
@@ -68,7 +70,7 @@ class DecodeConfig:
             raise ValueError(f"policy must have a select(conf, candidates, step, ctx) method, got {self.policy!r}")
 
 
-def validate_rows(model: torch.nn.Module, rows: Sequence[Row], *, needs_mask: bool) -> None:
+def validate_rows(model: DecodableModel, rows: Sequence[Row], *, needs_mask: bool) -> None:
     """Raise ValueError for a request the model cannot serve (the server maps it to a 400)."""
     c = model.config
     if needs_mask and c.mask_token_id is None:
@@ -115,10 +117,29 @@ def clamp_positions(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     return positions.clamp(max=max_seq_len - 1)
 
 
-def adapter_for(model: torch.nn.Module, name: str | None) -> str | None:
+class DecodableModel(Protocol):
+    """What a decoder asks of the model (`trimode.model.Transformer`, or a wrapper such as the
+    benchmark's TimedModel): one call per forward, the output head on its own, a cache factory."""
+
+    config: ModelConfig
+    device: torch.device
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
+                 mask: torch.Tensor | None = None, cache: KVCache | None = None, adapter: str | None = None,
+                 adapter_tokens: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                 hidden: bool = False) -> Any: ...
+
+    def head(self, h: torch.Tensor, *, adapter: str | None = None, gate: torch.Tensor | None = None
+             ) -> torch.Tensor: ...
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache: ...
+
+    def adapter_names(self) -> set[str]: ...
+
+
+def adapter_for(model: DecodableModel, name: str | None) -> str | None:
     """`name` if the model carries that adapter, else None (base weights draft)."""
-    has = getattr(model, "adapter_names", None)
-    return name if name is not None and callable(has) and name in has() else None
+    return name if name is not None and name in model.adapter_names() else None
 
 
 # -- per-mode state ------------------------------------------------------------------------------
@@ -159,7 +180,7 @@ class Decoder:
     needs_mask: bool = True
     speculative: bool = False  # verifies drafts (linear, quadratic): rows get an acceptance rule
 
-    def __init__(self, model: torch.nn.Module, cfg: DecodeConfig) -> None:
+    def __init__(self, model: DecodableModel, cfg: DecodeConfig) -> None:
         self.model = model
         self.cfg = cfg
         self.c = model.config

@@ -18,6 +18,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +233,43 @@ def evaluate(model: Transformer, ds: Dataset, cfg: TrainConfig) -> dict[str, flo
     return {"val_ar_loss": float(tot[0] / max(1, tot[1])), "val_diff_loss": float(tot[2] / max(1, tot[3]))}
 
 
-def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the last logged record plus the final evaluation."""
+@dataclass
+class Run:
+    """One training run's live state: what `setup` builds and `train_step` / `save` / `evaluate_logged` use."""
+
+    cfg: TrainConfig
+    log: Callable[[str], None]
+    world: int
+    rank: int
+    fsdp: bool
+    accum: int  # micro-batches per rank per step
+    out: Path
+    ds: Dataset
+    model: Transformer  # the unwrapped model (gradient clipping, full states, evaluation without DDP)
+    net: torch.nn.Module  # what the forward runs through: the model, its DDP wrapper or its FSDP2 shards
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    names: list[str]  # optimizer parameter names, for full optimizer states
+    order: Order
+    start: int  # the step the run starts (or resumes) at
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    def write_log(self, rec: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def setup(cfg: TrainConfig, *, log=print) -> Run:
+    """Process group, dataset, model (fresh, --init, or the latest checkpoint on --resume), wrapping,
+    optimizer and schedule."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
     if distributed and not dist.is_initialized():
@@ -246,7 +283,6 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         raise ValueError(
             f"batch_size {cfg.batch_size} must be a multiple of world_size x micro_batch_size = {per_step}"
         )
-    accum = cfg.batch_size // per_step
     out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -258,34 +294,12 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         dist.barrier()
     if rank != 0:
         ds = build_dataset(cfg, log=log)
-
     model = build_model(cfg, ds)
-    start = 0
-    log_path = out / "log.jsonl"
-    st = None
-    if cfg.resume and (ck := C.latest_checkpoint(out)) is not None:
-        # Full weights go into the unsharded model; FSDP2 shards them below.
-        resumed = load_model(ck, dtype=torch.float32).state_dict()
-        ours = model.state_dict()
-        diff = [k for k in ours if k not in resumed or resumed[k].shape != ours[k].shape]
-        if diff or set(resumed) - set(ours):
-            raise ValueError(
-                f"the checkpoint {str(ck)!r} holds another architecture than this config builds (first difference: "
-                f"{(diff or sorted(set(resumed) - set(ours)))[0]}); resume with the config it was written with"
-            )
-        model.load_state_dict(resumed)
-        st = load_state(ck / "train_state.pt", "the trainer state")
-        start = int(st["step"])
-        if rank == 0 and log_path.exists():  # drop records after the checkpoint: the log stays exact
-            keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
-            log_path.write_text("".join(k + "\n" for k in keep))
-        if rank == 0:
-            log(f"resumed from {ck} at step {start} (written with {st.get('world_size', 1)} rank(s), "
-                f"dist {st.get('dist', 'ddp')})")
-    elif rank == 0 and log_path.exists():
-        log_path.unlink()
-    n_params = sum(p.numel() for p in model.parameters())
+    start, st = _resume(cfg, model, out, rank, log) if cfg.resume else (0, None)
+    if st is None and rank == 0 and (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
     names = optimizer_param_names(model)
+    n_params = sum(p.numel() for p in model.parameters())  # before FSDP2 shards them
     if fsdp:
         net = fsdp2_shard(model, world)
     elif distributed:
@@ -299,143 +313,179 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
         sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"])
     if rank == 0:
-        log(f"model {n_params / 1e6:.2f}M params; {ds.train_tokens.shape[0]} train rows x {cfg.seq_len}; "
-            f"world {world}{f' ({cfg.dist})' if distributed else ''}, accum {accum}")
+        log(f"model {n_params / 1e6:.2f}M params; {ds.train_tokens.shape[0]} "
+            f"train rows x {cfg.seq_len}; world {world}{f' ({cfg.dist})' if distributed else ''}, "
+            f"accum {cfg.batch_size // per_step}")
+    return Run(cfg, log, world, rank, fsdp, cfg.batch_size // per_step, out, ds, model, net, opt, sched, names,
+               Order(ds.train_tokens.shape[0], cfg.seed), start)
 
-    order = Order(ds.train_tokens.shape[0], cfg.seed)
+
+def _resume(cfg: TrainConfig, model: Transformer, out: Path, rank: int, log) -> tuple[int, dict | None]:
+    """Load the latest checkpoint into `model` (full weights: FSDP2 shards them later); returns the step
+    and the trainer state (None without a checkpoint). The log keeps only records up to that step."""
+    ck = C.latest_checkpoint(out)
+    if ck is None:
+        return 0, None
+    resumed = load_model(ck, dtype=torch.float32).state_dict()
+    ours = model.state_dict()
+    diff = [k for k in ours if k not in resumed or resumed[k].shape != ours[k].shape]
+    if diff or set(resumed) - set(ours):
+        raise ValueError(
+            f"the checkpoint {str(ck)!r} holds another architecture than this config builds (first difference: "
+            f"{(diff or sorted(set(resumed) - set(ours)))[0]}); resume with the config it was written with"
+        )
+    model.load_state_dict(resumed)
+    st = load_state(ck / "train_state.pt", "the trainer state")
+    start = int(st["step"])
+    log_path = out / "log.jsonl"
+    if rank == 0 and log_path.exists():  # drop records after the checkpoint: the log stays exact
+        keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
+        log_path.write_text("".join(k + "\n" for k in keep))
+    if rank == 0:
+        log(f"resumed from {ck} at step {start} (written with {st.get('world_size', 1)} rank(s), "
+            f"dist {st.get('dist', 'ddp')})")
+    return start, st
+
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One optimizer step (accumulated over micro-batches, gradients reduced over ranks); returns
+    {ar_loss, diff_loss, lr, grad_norm} of the global batch."""
+    cfg, ds, net, model = run.cfg, run.ds, run.net, run.model
+    joint = step >= cfg.ar_only_steps
+    micro = []
+    for k in range(run.accum):
+        rows = sample_rows(step, k, run.rank, cfg=cfg, world=run.world)
+        idx = [run.order(g) for g in rows]
+        micro.append((rows, ds.train_tokens[idx], ds.train_mask[idx]))
+    # Token counts of the whole global batch, known before the forward (noise is data-only).
+    counts = torch.zeros(2, dtype=torch.float64)
+    for rows, x0, lm in micro:
+        counts[0] += float(lm[:, 1:].sum())
+        if joint:
+            _, masked, _, _bls = noise_batch(
+                x0, lm, rows, seed=cfg.seed, mask_id=ds.mask_id, block_lens=cfg.block_lens,
+                schedule=cfg.noise, eps=cfg.eps, half_life_ratio=cfg.half_life_ratio)
+            counts[1] += float(masked[:, 1:].sum() if cfg.dlm_type == "dream" else masked.sum())
+    if run.distributed:
+        dist.all_reduce(counts)
+    ar_n, diff_n = counts.clamp_min(1.0).float()
+    sums = torch.zeros(2, dtype=torch.float64)
+    model.train()
+    for k, (rows, x0, lm) in enumerate(micro):
+        last_micro = k == run.accum - 1
+        sync = contextlib.nullcontext()
+        if run.fsdp:
+            # Accumulate unsharded gradients locally; reduce-scatter and reshard only after the
+            # last micro-batch (no all-gather between micro-batches).
+            net.set_requires_gradient_sync(last_micro)
+            net.set_reshard_after_backward(last_micro)
+        elif run.distributed and not last_micro:
+            sync = net.no_sync()
+        with sync:
+            a_s, _, d_s, _ = micro_losses(net, x0, lm, rows, cfg=cfg, mask_id=ds.mask_id, joint=joint,
+                                          noise_seed=cfg.seed)
+            loss = combine(a_s, ar_n, d_s, diff_n, alpha=cfg.alpha if joint else 0.0) * run.world
+            loss.backward()
+        sums += torch.tensor([float(a_s.detach()), float(d_s.detach())], dtype=torch.float64)
+    if run.distributed:
+        dist.all_reduce(sums)
+    # Under FSDP2 the gradients are DTensor shards: clip_grad_norm_ reduces the squared norms
+    # over ranks (total norm of the full gradient) and returns a replicated DTensor.
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if hasattr(gnorm, "full_tensor"):
+        gnorm = gnorm.full_tensor()
+    lr = run.opt.param_groups[0]["lr"]
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    return {"ar_loss": float(sums[0] / ar_n), "diff_loss": float(sums[1] / diff_n) if joint else None, "lr": lr,
+            "grad_norm": float(gnorm)}
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint `step`. Every rank takes part in gathering the full state (FSDP2); rank 0 writes it
+    and tells the others whether that worked, so a failed write (full disk) stops every rank, none hangs."""
+    cfg = run.cfg
+    msd, osd = full_states(run.net, run.opt, fsdp=run.fsdp, names=run.names)
+    err: BaseException | None = None
+    if run.rank == 0:
+        state = {"optimizer": osd, "scheduler": run.sched.state_dict(), "step": step,
+                 "rng": torch.get_rng_state(), "train_config": cfg.to_dict(), "world_size": run.world,
+                 "dist": cfg.dist if run.distributed else "none"}
+        try:
+            C.save_checkpoint(run.out, step, run.model, state, tokenizer_dir=run.ds.tokenizer_dir,
+                              keep=cfg.keep_checkpoints, model_state_dict=msd)
+        except BaseException as e:  # re-raised below, after the other ranks are told
+            err = e
+    if run.distributed:
+        failed = torch.tensor([0 if err is None else 1])
+        dist.broadcast(failed, 0)
+        if failed.item() and run.rank != 0:
+            raise C.CheckpointError(f"rank 0 could not write the checkpoint of step {step} (see its error)")
+    if err is not None:
+        raise err
+
+
+def evaluate_logged(run: Run, step: int, say=None) -> dict[str, float]:
+    """Held-out losses at `step`, logged by rank 0. FSDP2 forwards are collectives, so under FSDP2 every
+    rank evaluates (the same rows); DDP's forward would sync buffers with idle ranks, so it uses the model."""
+    ev: dict[str, float] = {}
+    if run.rank == 0 or run.fsdp:
+        run.model.eval()
+        ev = evaluate(run.net if run.fsdp else run.model, run.ds, run.cfg)
+        if ev and run.rank == 0:
+            run.write_log({"step": step, **ev})
+            (say or run.log)(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    if run.distributed:
+        dist.barrier()
+    return ev if run.rank == 0 else {}
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the last logged record plus the final evaluation."""
+    run = setup(cfg, log=log)
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     bar = None
-    if rank == 0 and cfg.progress:
+    if run.rank == 0 and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=run.start, desc="train", dynamic_ncols=True)
     last: dict[str, Any] = {}
-
-    def checkpoint(step: int) -> None:
-        # Every rank takes part in gathering the full state (FSDP2); rank 0 writes it and tells the
-        # others whether that worked, so a failed write (full disk) stops every rank, none hangs.
-        msd, osd = full_states(net, opt, fsdp=fsdp, names=names)
-        err: BaseException | None = None
-        if rank == 0:
-            state = {"optimizer": osd, "scheduler": sched.state_dict(), "step": step,
-                     "rng": torch.get_rng_state(), "train_config": cfg.to_dict(), "world_size": world,
-                     "dist": cfg.dist if distributed else "none"}
-            try:
-                C.save_checkpoint(out, step, model, state, tokenizer_dir=ds.tokenizer_dir,
-                                  keep=cfg.keep_checkpoints, model_state_dict=msd)
-            except BaseException as e:  # re-raised below, after the other ranks are told
-                err = e
-        if distributed:
-            failed = torch.tensor([0 if err is None else 1])
-            dist.broadcast(failed, 0)
-            if failed.item() and rank != 0:
-                raise C.CheckpointError(f"rank 0 could not write the checkpoint of step {step} (see its error)")
-        if err is not None:
-            raise err
-
-    def write_log(rec: dict[str, Any]) -> None:
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    step = start
-    # FSDP2 forwards are collectives, so under FSDP2 every rank evaluates (the same rows); rank 0 logs.
-    evaluates = rank == 0 or fsdp
-    eval_net = net if fsdp else model  # a DDP wrapper's forward would sync buffers with idle ranks
-    if start == 0 and evaluates and cfg.eval_at_start:
-        model.eval()
-        ev = evaluate(eval_net, ds, cfg)
-        if ev and rank == 0:
-            write_log({"step": 0, **ev})
-            log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-    if distributed:
+    step = run.start
+    if step == 0 and cfg.eval_at_start:
+        evaluate_logged(run, 0)
+    elif run.distributed:
         dist.barrier()
     t_last, tok_since = time.perf_counter(), 0
     try:
         while step < end:
-            joint = step >= cfg.ar_only_steps
-            micro = []
-            for k in range(accum):
-                rows = sample_rows(step, k, rank, cfg=cfg, world=world)
-                idx = [order(g) for g in rows]
-                micro.append((rows, ds.train_tokens[idx], ds.train_mask[idx]))
-            # Token counts of the whole global batch, known before the forward (noise is data-only).
-            counts = torch.zeros(2, dtype=torch.float64)
-            for rows, x0, lm in micro:
-                counts[0] += float(lm[:, 1:].sum())
-                if joint:
-                    _, masked, _, _bls = noise_batch(
-                        x0, lm, rows, seed=cfg.seed, mask_id=ds.mask_id, block_lens=cfg.block_lens,
-                        schedule=cfg.noise, eps=cfg.eps, half_life_ratio=cfg.half_life_ratio)
-                    counts[1] += float(masked[:, 1:].sum() if cfg.dlm_type == "dream" else masked.sum())
-            if distributed:
-                dist.all_reduce(counts)
-            ar_n, diff_n = counts.clamp_min(1.0).float()
-            sums = torch.zeros(2, dtype=torch.float64)
-            model.train()
-            for k, (rows, x0, lm) in enumerate(micro):
-                last_micro = k == accum - 1
-                sync = contextlib.nullcontext()
-                if fsdp:
-                    # Accumulate unsharded gradients locally; reduce-scatter and reshard only after the
-                    # last micro-batch (no all-gather between micro-batches).
-                    net.set_requires_gradient_sync(last_micro)
-                    net.set_reshard_after_backward(last_micro)
-                elif distributed and not last_micro:
-                    sync = net.no_sync()
-                with sync:
-                    a_s, _, d_s, _ = micro_losses(net, x0, lm, rows, cfg=cfg, mask_id=ds.mask_id, joint=joint,
-                                                  noise_seed=cfg.seed)
-                    loss = combine(a_s, ar_n, d_s, diff_n, alpha=cfg.alpha if joint else 0.0) * world
-                    loss.backward()
-                sums += torch.tensor([float(a_s.detach()), float(d_s.detach())], dtype=torch.float64)
-            if distributed:
-                dist.all_reduce(sums)
-            # Under FSDP2 the gradients are DTensor shards: clip_grad_norm_ reduces the squared norms
-            # over ranks (total norm of the full gradient) and returns a replicated DTensor.
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if hasattr(gnorm, "full_tensor"):
-                gnorm = gnorm.full_tensor()
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
+            rec = train_step(run, step)
             step += 1
             tok_since += cfg.batch_size * cfg.seq_len
-            l_ar = float(sums[0] / ar_n)
-            l_diff = float(sums[1] / diff_n) if joint else None
+            l_ar, l_diff = rec["ar_loss"], rec["diff_loss"]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(ar=f"{l_ar:.3f}", diff="-" if l_diff is None else f"{l_diff:.3f}")
             if step % cfg.log_every == 0 or step == 1 or step == end:
                 now = time.perf_counter()
                 last = {"step": step, "ar_loss": l_ar, "diff_loss": l_diff,
-                        "loss": l_ar + (cfg.alpha * l_diff if l_diff is not None else 0.0), "lr": lr,
-                        "grad_norm": float(gnorm), "tokens_per_s": tok_since / max(1e-9, now - t_last)}
+                        "loss": l_ar + (cfg.alpha * l_diff if l_diff is not None else 0.0), "lr": rec["lr"],
+                        "grad_norm": rec["grad_norm"], "tokens_per_s": tok_since / max(1e-9, now - t_last)}
                 t_last, tok_since = now, 0
-                write_log(last)
+                run.write_log(last)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                if evaluates:
-                    model.eval()
-                    ev = evaluate(eval_net, ds, cfg)
-                    if ev and rank == 0:
-                        write_log({"step": step, **ev})
-                        last.update(ev)
-                        if bar is not None:
-                            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                if distributed:
-                    dist.barrier()
+                last.update(evaluate_logged(run, step, say=bar.write if bar is not None else (lambda _: None)))
             if step % cfg.save_every == 0 and step < end:
-                checkpoint(step)
+                save(run, step)
     except KeyboardInterrupt:
-        if rank == 0:
+        if run.rank == 0:
             log(f"interrupted at step {step}; writing a checkpoint")
-        checkpoint(step)
+        save(run, step)
         raise
     finally:
         if bar is not None:
             bar.close()
-    checkpoint(step)
-    if distributed:
+    save(run, step)
+    if run.distributed:
         dist.destroy_process_group()
     return last
