@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..sampling import SamplingParams
 from . import schemas
 from .engine import Decoding, Done, Engine, Event, Failed, Job, Text
+from .guard import Guard
 from .schemas import APIError
 
 log = logging.getLogger("trimode.serve")
@@ -50,6 +51,8 @@ class ServerSettings:
     max_block_len: int = 64
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
+    api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
+    allowed_hosts: tuple[str, ...] | None = None  # Host header allow-list (None: no check; see guard.py)
     created: int = field(default_factory=schemas.now)
 
     @property
@@ -120,7 +123,8 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
     app = FastAPI(title="trimode", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.trimode = AppState(engine, tokenizer, settings, frozenset(
         t for t in (tokenizer.token_to_id(n) for n in END_OF_TURN) if t is not None))
-    app.add_middleware(_RequestCounter, metrics=engine.metrics)
+    app.add_middleware(Guard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(_RequestCounter, metrics=engine.metrics)  # outermost: refused requests count too
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--request-timeout", type=float, default=300.0,
                      help="seconds from arrival to the last token; then 408 (or an error event in a stream)")
     lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sec = p.add_argument_group("access")
+    sec.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                          "$TRIMODE_API_KEY; '' for none)")
+    sec.add_argument("--allowed-hosts", default="",
+                     help="comma-separated Host names accepted besides localhost / 127.0.0.1 / ::1 and --host; "
+                          "'*' accepts any (protects a local server from DNS-rebinding web pages)")
     rt = p.add_argument_group("runtime")
     rt.add_argument("--dtype", default=None,
                     help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
@@ -121,6 +129,7 @@ def build(args: argparse.Namespace):
     from ..tokenizer import load_tokenizer
     from .app import ServerSettings, create_app
     from .engine import Engine, EngineConfig
+    from .guard import allowed_hosts_for
 
     path = model_dir(args.model)
     if args.threads:
@@ -164,7 +173,9 @@ def build(args: argparse.Namespace):
         has_mask=c.mask_token_id is not None, default_mode=args.mode, default_block_len=args.block_len,
         block_lens=block_lens, default_threshold=args.threshold, default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
-        max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
+        max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+        api_key=(args.api_key if args.api_key is not None else os.environ.get("TRIMODE_API_KEY")) or None,
+        allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts.split(",")))
     if args.mode not in ("ar", "auto") and not settings.has_mask:
         raise ValueError(f"--mode {args.mode} needs a mask token, which this model has not")
     api = None
