@@ -25,9 +25,10 @@ TOK = load_tokenizer(BUNDLED)
 MODES = ["ar", "linear", "quadratic", "diffusion"]
 
 
-def make_client(*, gate=None, eos_every=0, engine_cfg=None, **settings) -> TestClient:
+def make_client(*, gate=None, eos_every=0, engine_cfg=None, delay=0.0, **settings) -> TestClient:
     model = fake_model(TOK.vocab_size)
-    engine = Engine(model, TOK, engine_cfg or EngineConfig(), api=fake_api(TOK, gate=gate, eos_every=eos_every))
+    engine = Engine(model, TOK, engine_cfg or EngineConfig(),
+                    api=fake_api(TOK, gate=gate, eos_every=eos_every, delay=delay))
     base = {"model_name": "fake", "context": 1024, "vocab_size": TOK.vocab_size, "default_mode": "ar"}
     app = create_app(engine, TOK, ServerSettings(**{**base, **settings}))
     client = TestClient(app, raise_server_exceptions=False)

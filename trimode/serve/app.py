@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import SamplingParams
 from . import schemas
-from .engine import Decoding, Done, Engine, Event, Failed, Job, Text
+from .engine import Decoding, Done, Engine, EngineConfig, Event, Failed, Job, Text, forward_width
 from .guard import Guard
 from .schemas import APIError
 
@@ -221,7 +221,9 @@ def check_model(req: schemas._Common, s: ServerSettings) -> None:
                        type="not_found_error", param="model", code="model_not_found")
 
 
-def decoding(req: schemas._Common, s: ServerSettings) -> tuple[str, int, float]:
+def decoding(req: schemas._Common, s: ServerSettings, ecfg: EngineConfig | None = None) -> tuple[str, int, float]:
+    """(mode, block_len, threshold) of a request, within the server's limits. ecfg: the engine's
+    config, whose max_cycle_tokens bounds one request's forward width (quadratic: k(k+1) tokens)."""
     d = req.decoding or schemas.Decoding()
     mode = d.mode or s.default_mode
     block_len = d.block_len if d.block_len is not None else s.block_lens.get(mode, s.default_block_len)
@@ -232,6 +234,13 @@ def decoding(req: schemas._Common, s: ServerSettings) -> tuple[str, int, float]:
     if mode not in ("ar", "auto") and not s.has_mask:
         raise APIError(400, f"decoding.mode = {mode!r} needs a mask token, which this model has not",
                        param="decoding.mode")
+    if ecfg is not None:
+        widest = ecfg.spec_mode if mode == "auto" else mode
+        width = forward_width(widest, block_len)
+        if width > ecfg.max_cycle_tokens:
+            raise APIError(400, f"decoding.block_len = {block_len} makes {widest} forwards of {width} tokens per "
+                                f"request, over the server's limit of {ecfg.max_cycle_tokens} (--max-cycle-tokens)",
+                           param="decoding.block_len")
     return mode, block_len, threshold
 
 
@@ -305,7 +314,7 @@ async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, as
                         await read_json(request, s.max_body_bytes))
     check_model(req, s)
     stops = req.stop_list()
-    mode, block_len, threshold = decoding(req, s)
+    mode, block_len, threshold = decoding(req, s, st.engine.config)
     samp = sampling(req)
     ids = await asyncio.to_thread(encode_chat if chat else encode_completion, req, st.tokenizer, s)
     if not ids:

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-queue", type=int, default=256,
                      help="requests waiting for a slot; beyond it: 429 with Retry-After")
     lim.add_argument("--max-block-len", type=int, default=64, help="largest decoding.block_len a request may ask")
+    lim.add_argument("--max-cycle-tokens", type=int, default=1024,
+                     help="tokens a decoder may put through one forward (rows x forward width; quadratic k "
+                          "is k(k+1) per row): bounds what one request costs everyone; wider requests get 400")
+    lim.add_argument("--max-decoders", type=int, default=8,
+                     help="distinct decoding configs (mode, block_len, threshold) run at once; others queue")
     lim.add_argument("--request-timeout", type=float, default=300.0,
                      help="seconds from arrival to the last token; then 408 (or an error event in a stream)")
     lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
@@ -144,7 +149,7 @@ def build(args: argparse.Namespace):
     if args.spec_mode is None:
         args.spec_mode = serving.get("speculative_mode")
     for name in ("max_running", "max_tokens_limit", "default_max_tokens", "max_block_len", "max_body_bytes",
-                 "block_len"):
+                 "block_len", "max_cycle_tokens", "max_decoders"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.request_timeout <= 0:
@@ -185,7 +190,9 @@ def build(args: argparse.Namespace):
         api = fake_api(tok)
     engine = Engine(model, tok, EngineConfig(max_running=args.max_running, max_queue=args.max_queue,
                                              spec_mode=args.spec_mode, auto_crossover=crossover,
-                                             default_max_tokens=args.max_tokens_limit), api=api)
+                                             default_max_tokens=args.max_tokens_limit,
+                                             max_cycle_tokens=args.max_cycle_tokens,
+                                             max_decoders=args.max_decoders), api=api)
     return create_app(engine, tok, settings), engine, settings, source
 
 

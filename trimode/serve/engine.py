@@ -1,9 +1,11 @@
 """The serving engine: one worker thread owns the model and its decoders; continuous batching.
 
-Requests (`Job`s) wait in a bounded queue. Between decoder cycles the worker admits as many as the
-running limit allows (one prefill forward per decoder config), then runs one cycle of the next
-decoder in round-robin order. There is one decoder per distinct (mode, block_len, threshold), so
-rows that share a config batch together; rows finish independently and leave at the next boundary.
+Requests (`Job`s) wait in a bounded queue. Between decoder cycles the worker admits what the limits
+allow (one prefill forward per decoder config), then runs one cycle of the live decoder that has used
+the least worker time (a fair time share). There is one decoder per distinct (mode, block_len,
+threshold), so rows that share a config batch together; rows finish independently and leave at the
+next boundary. Cost is bounded: a decoder takes rows only while rows x its forward width stays within
+`max_cycle_tokens`, and at most `max_decoders` configs run at once; the rest wait their turn.
 After each admit / cycle the worker turns every row's new tokens into text (stop strings are matched
 there, and a row that hits one is cancelled at once) and hands events to the job's `sink`, which the
 HTTP layer points at an asyncio queue through `loop.call_soon_threadsafe`: the event loop never waits
@@ -40,8 +42,16 @@ class EngineConfig:
     spec_mode: str = "linear"  # what "auto" picks at low load
     auto_crossover: int = 8  # "auto" runs spec_mode while running + queued <= this, else ar
     default_max_tokens: int = 1024  # DecodeConfig default; each row carries its own budget
+    # Cost bounds: a decoder admits rows only while rows x forward width stays within this many tokens
+    # (one request alone may not exceed it: the app answers 400), and at most max_decoders distinct
+    # decoding configs run at once (others wait in the queue), so no request can make every cycle slow.
+    max_cycle_tokens: int = 1024
+    max_decoders: int = 8
 
     def __post_init__(self) -> None:
+        if self.max_cycle_tokens < 1 or self.max_decoders < 1:
+            raise ValueError(f"max_cycle_tokens and max_decoders must be >= 1, got {self.max_cycle_tokens}, "
+                             f"{self.max_decoders}")
         if self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.max_queue < 0:
@@ -110,6 +120,11 @@ class Job:
     t_first: float | None = None
 
 
+def forward_width(mode: str, block_len: int) -> int:
+    """Tokens one row puts through the widest forward of a cycle: the cost unit of scheduling."""
+    return {"ar": 1, "quadratic": block_len * (block_len + 1)}.get(mode, block_len)
+
+
 def config_key(mode: str, block_len: int, threshold: float) -> tuple:
     """Decoders are shared by rows whose decoding options agree on everything the mode reads."""
     if mode == "ar":
@@ -140,7 +155,7 @@ class Engine:
         self._cancels: list[Job] = []
         self._running: dict[int, Job] = {}  # id(job) -> job, admitted and not finished
         self._decoders: dict[tuple, Any] = {}
-        self._rr = 0
+        self._spent: dict[tuple, float] = {}  # worker seconds each live decoder has used (fair share)
         self._stop = False
         self._thread: threading.Thread | None = None
         self.cycles = 0
@@ -226,26 +241,44 @@ class Engine:
         for job in list(self._running.values()):
             self._fail(job, APIError(503, "the server is shutting down", type="server_error"))
 
-    def _admit(self) -> None:
+    def _take(self) -> list[Job]:
+        """Queued jobs that may start now, in arrival order: within max_running, within their decoder's
+        cycle-token budget (rows x forward width), and within max_decoders live decoding configs.
+        The others keep their place in the queue."""
+        cfg = self.config
         with self._cv:
-            free = self.config.max_running - len(self._running)
-            take = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
-            load = len(self._running) + len(take) + len(self._pending)
-            for job in take:
+            free = cfg.max_running - len(self._running)
+            load = len(self._running) + len(self._pending)
+            rows = {k: len(d.running) for k, d in self._decoders.items() if d.running}
+            take: list[Job] = []
+            keep: collections.deque[Job] = collections.deque()
+            for job in self._pending:
+                mode = job.mode
+                if mode == "auto":
+                    mode = cfg.spec_mode if load <= cfg.auto_crossover else "ar"
+                key = config_key(mode, job.block_len, job.threshold)
+                n = rows.get(key, 0)
+                fits = len(take) < free and (n > 0 or len(rows) < cfg.max_decoders)
+                if not fits or (n > 0 and (n + 1) * forward_width(mode, job.block_len) > cfg.max_cycle_tokens):
+                    keep.append(job)
+                    continue
+                rows[key] = n + 1
+                job.chosen, job.key = mode, key
+                take.append(job)
                 self._running[id(job)] = job
+            self._pending = keep
             self.metrics.queue_depth.set(len(self._pending))
             self.metrics.running.set(len(self._running))
+        return take
+
+    def _admit(self) -> None:
+        take = self._take()
         if not take:
             return
         make_decoder, row_cls = self._api
         groups: dict[tuple, list[Job]] = {}
         for job in take:
-            mode = job.mode
-            if mode == "auto":
-                mode = self.config.spec_mode if load <= self.config.auto_crossover else "ar"
-            job.chosen = mode
-            self.metrics.decisions.inc(mode=mode, requested=job.mode)
-            job.key = config_key(mode, job.block_len, job.threshold)
+            self.metrics.decisions.inc(mode=job.chosen, requested=job.mode)
             job.text = TextStream(self.tokenizer, job.stops)
             try:
                 job.row = row_cls(job.prompt, max_new_tokens=job.max_tokens, stop_ids=job.stop_ids,
@@ -298,18 +331,27 @@ class Engine:
         return make_decoder(self.model, Mode.parse(mode), cfg)
 
     def _cycle(self) -> None:
-        live = [k for k, d in self._decoders.items() if d.running]
+        """One cycle of the live decoder that has used the least worker time: decoders share the worker
+        by time, not by turns, so a decoder with expensive cycles runs less often and one with cheap
+        cycles (AR beside a wide quadratic) is not held to the expensive one's pace. A new decoder
+        starts at the least time of the others (it does not get to catch up on the past)."""
         for k in [k for k, d in self._decoders.items() if not d.running]:
             del self._decoders[k]  # an idle decoder holds no rows; a new one is cheap
+            self._spent.pop(k, None)
+        live = list(self._decoders)
         if not live:
             return
-        key = live[self._rr % len(live)]
-        self._rr += 1
+        floor = min((self._spent[k] for k in live if k in self._spent), default=0.0)
+        for k in live:
+            self._spent.setdefault(k, floor)
+        key = min(live, key=lambda k: self._spent[k])
         dec = self._decoders[key]
         jobs = [j for j in self._running.values() if j.key == key]
+        t0 = time.perf_counter()
         try:
             self.metrics.batch.observe(len(dec.running), mode=key[0])
             steps = dec.cycle()
+            self._spent[key] += time.perf_counter() - t0
             self.cycles += 1
             self._count(key, steps)
             self._deliver(jobs)

@@ -65,7 +65,8 @@ class FakeDecoder:
     PER_CYCLE = {"ar": (("ar", 1),), "linear": (("draft", 0), ("verify", 2)), "quadratic": (("quadratic", 2),),
                  "diffusion": (("denoise", 0), ("commit", 3))}
 
-    def __init__(self, script: list[int], mode: str, cfg, gate: threading.Event | None, delay: float) -> None:
+    def __init__(self, script: list[int], mode: str, cfg, gate: threading.Event | None,
+                 delay: float | dict[str, float]) -> None:
         self.script = script
         self.mode = mode
         self.cfg = cfg
@@ -90,8 +91,9 @@ class FakeDecoder:
     def cycle(self):
         if self.gate is not None:
             self.gate.wait()
-        if self.delay:
-            time.sleep(self.delay)
+        delay = self.delay.get(self.mode, 0.0) if isinstance(self.delay, dict) else self.delay
+        if delay:
+            time.sleep(delay)
         steps = []
         rows = [r for r in self.running if not r.done]
         for kind, n in self.PER_CYCLE[self.mode]:
@@ -104,8 +106,10 @@ class FakeDecoder:
         return steps
 
 
-def fake_api(tokenizer, *, gate: threading.Event | None = None, delay: float = 0.0, eos_every: int = 0):
-    """(make_decoder, Row) driven by a script of real token ids; an EOS after every `eos_every` tokens."""
+def fake_api(tokenizer, *, gate: threading.Event | None = None, delay: float | dict[str, float] = 0.0,
+             eos_every: int = 0):
+    """(make_decoder, Row) driven by a script of real token ids; an EOS after every `eos_every` tokens.
+    delay: seconds each cycle sleeps (a dict: per mode, to model cheap and expensive decoders)."""
     script = tokenizer.encode(SCRIPT)
     if eos_every:
         script = [t for i in range(0, len(script), eos_every) for t in script[i:i + eos_every] + [tokenizer.eos_id]]
