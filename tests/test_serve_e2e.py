@@ -104,3 +104,71 @@ def test_openai_client(server):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "Traceback" not in out, out
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0():
+    """12 long requests in flight (6 streamed), SIGTERM after 1 s with a 3 s grace period: every one
+    ends with a clean answer (a JSON 503 error, or an error event and [DONE] in a stream), none is cut
+    off, /health says draining meanwhile, and the process exits 0 well before uvicorn's own limit."""
+    import json
+    import threading
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trimode.cli", "serve", "--model", "bundled", "--port", str(port), "--threads", "1",
+         "--shutdown-grace", "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() - t0 < 90, "server did not come up"
+            time.sleep(0.2)
+        body = {"prompt": "def fibonacci(n):", "max_tokens": 700, "decoding": {"mode": "ar"}}
+        results: dict[int, tuple] = {}
+
+        def plain(i):
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            results[i] = ("plain", r.status_code, r.json())
+
+        def streamed(i):
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                results[i] = ("stream", r.status_code, r.read().decode())
+
+        threads = [threading.Thread(target=plain if i % 2 else streamed, args=(i,)) for i in range(12)]
+        for th in threads:
+            th.start()
+        time.sleep(1.0)
+        t_term = time.time()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:
+            h = httpx.get(url + "/health", timeout=2)
+            assert h.status_code == 503 and h.json()["status"] == "draining", h.text
+        except httpx.TransportError:
+            pass  # uvicorn may already have closed the listening socket
+        for th in threads:
+            th.join(30)
+        out, _ = proc.communicate(timeout=30)
+        took = time.time() - t_term
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+    assert took < 8, took
+    assert len(results) == 12
+    for kind, status, payload in results.values():
+        if kind == "plain":
+            assert status == 503 and payload["error"]["code"] == "unavailable", payload
+        else:
+            assert status == 200 and payload.endswith("data: [DONE]\n\n"), payload[-300:]
+            events = [json.loads(x[6:]) for x in payload.split("\n\n") if x.startswith("data: {")]
+            assert events[-1]["error"]["code"] == "unavailable"

@@ -175,6 +175,8 @@ async def health(request: Request) -> Response:
     snap = engine.snapshot()
     if not engine.alive:
         return JSONResponse({"status": "dead", **snap}, status_code=503)
+    if engine.draining:  # load balancers stop routing here while in-flight requests finish
+        return JSONResponse({"status": "draining", **snap}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ok", **snap})
 
 

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--request-timeout", type=float, default=300.0,
                      help="seconds from arrival to the last token; then 408 (or an error event in a stream)")
     lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    lim.add_argument("--shutdown-grace", type=float, default=30.0,
+                     help="seconds in-flight requests get after SIGTERM / SIGINT (new ones get 503); then the "
+                          "rest end with a clean 503 and the server exits 0")
+    lim.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive connections close after")
+    lim.add_argument("--max-connections", type=int, default=512,
+                     help="open connections at once; beyond it new ones get 503 (uvicorn limit_concurrency)")
+    lim.add_argument("--max-header-bytes", type=int, default=16384, help="request line + headers larger get 400")
     sec = p.add_argument_group("access")
     sec.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every route but /health (default: "
@@ -154,6 +161,12 @@ def build(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    for name in ("shutdown_grace", "keep_alive_timeout"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_connections", "max_header_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from ..models import for_inference
 
     model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device))
@@ -213,8 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trimode serve: model {settings.model_name!r} ({args.model}), mode {args.mode}, auto: "
           f"{cfg.spec_mode} while load <= {cfg.auto_crossover} ({source}), else ar; "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5, access_log=False))
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM / SIGINT the engine stops taking requests and gives the in-flight ones the grace
+        period (less a second to send their answers), then uvicorn closes the connections."""
+
+        def handle_exit(self, sig, frame) -> None:
+            engine.drain(max(0.0, args.shutdown_grace - 1.0))
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+        timeout_graceful_shutdown=args.shutdown_grace, timeout_keep_alive=args.keep_alive_timeout,
+        limit_concurrency=args.max_connections, h11_max_incomplete_event_size=args.max_header_bytes))
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal: make both a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     try:

@@ -156,6 +156,7 @@ class Engine:
         self._running: dict[int, Job] = {}  # id(job) -> job, admitted and not finished
         self._decoders: dict[tuple, Any] = {}
         self._spent: dict[tuple, float] = {}  # worker seconds each live decoder has used (fair share)
+        self._drain_deadline: float | None = None  # set by drain(): monotonic time the grace period ends
         self._stop = False
         self._thread: threading.Thread | None = None
         self.cycles = 0
@@ -179,9 +180,26 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def drain(self, grace: float) -> None:
+        """Graceful shutdown: refuse new jobs from now on (503 with Retry-After), let running and
+        queued ones go on for `grace` seconds, then end every one still unfinished with a clean 503."""
+        with self._cv:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + max(0.0, grace)
+                log.warning("draining: no new requests; %d running and %d queued get %.1f s",
+                            len(self._running), len(self._pending), grace)
+            self._cv.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
     def submit(self, job: Job) -> None:
         """Queue a job; APIError 429 (with Retry-After) when the queue is full, 503 when stopping."""
         with self._cv:
+            if self._drain_deadline is not None:
+                raise APIError(503, "the server is shutting down; retry on another instance", type="server_error",
+                               code="unavailable", headers={"Retry-After": "5"})
             if self._stop or not self.alive:
                 raise APIError(503, "the server is shutting down", type="server_error", code="unavailable")
             free_slots = max(0, self.config.max_running - len(self._running))
@@ -225,6 +243,16 @@ class Engine:
                     if self._stop:
                         break
                     cancels, self._cancels = self._cancels, []
+                    late = self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
+                    left = list(self._pending) if late else []
+                    if late:
+                        self._pending.clear()
+                if late:  # the grace period is over: every unfinished job ends with a clean error
+                    self.metrics.queue_depth.set(0)
+                    for job in left + [j for j in self._running.values() if not j.finished]:
+                        self._fail(job, APIError(503, "the server shut down before this request finished",
+                                                 type="server_error", code="unavailable"))
+                    continue
                 for job in cancels:  # the slot is free now; the decoder drops the row at its next boundary
                     if job.row is not None and not job.finished:
                         job.row.cancel()
