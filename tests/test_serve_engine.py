@@ -202,3 +202,20 @@ def test_sampling_is_seeded_and_batch_invariant(model):
                 th.join()
             assert out[0] == out[2] == alone and out[1] == out[3], (mode, alone, out)
             assert out[1] != alone
+
+
+def test_a_seed_means_one_text_under_auto_whatever_the_load(model):
+    """auto runs linear at low load and ar above the crossover; a seeded sampled request gets the same
+    text from both (auto verifies by the match rule), and says which mode ran."""
+    (seed,) = clear_seeds(model, TOK.encode(TEXTS[1]), 16, want=1)
+    texts = {}
+    for crossover in (0, 100):  # 0: every request is "under load" (ar); 100: never (linear)
+        eng = Engine(model, TOK, EngineConfig(auto_crossover=crossover))
+        app = create_app(eng, TOK, ServerSettings(model_name="bundled", context=model.config.max_seq_len,
+                                                  vocab_size=model.config.vocab_size, default_block_len=4))
+        with TestClient(app) as c:
+            r = c.post("/v1/completions", json={"prompt": TEXTS[1], "max_tokens": 16, "temperature": 1.0,
+                                                "seed": seed, "decoding": {"mode": "auto"}})
+            assert r.status_code == 200, r.text
+            texts[r.json()["decoding"]["mode"]] = r.json()["choices"][0]["text"]
+    assert set(texts) == {"ar", "linear"} and texts["ar"] == texts["linear"], texts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -318,6 +319,10 @@ async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, as
     stops = req.stop_list()
     mode, block_len, threshold = decoding(req, s, st.engine.config)
     samp = sampling(req)
+    if mode == "auto" and samp is not None:
+        # auto picks linear or ar by load; with the match rule both emit, for one seed, the same
+        # samples of the same distributions, so a seed means one text whatever the load.
+        samp = dataclasses.replace(samp, acceptance="match")
     ids = await asyncio.to_thread(encode_chat if chat else encode_completion, req, st.tokenizer, s)
     if not ids:
         raise APIError(400, "the prompt encodes to zero tokens", param="messages" if chat else "prompt")
