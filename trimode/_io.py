@@ -30,6 +30,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
+    except RecursionError:  # a pathologically nested file
+        raise ValueError(f"cannot read {path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")  # noqa: TRY004 (bad file)
     return data

@@ -21,6 +21,10 @@ DLM_TYPES = ("llada", "dream")
 HF_MODEL_TYPES = ("nemotron_labs_diffusion", "ministral3", "mistral", "llama", "trimode")
 
 
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class YarnScaling:
     """YaRN rotary scaling (Peng et al. 2023, arXiv 2309.00071), with the fields NLD ships."""
@@ -35,6 +39,14 @@ class YarnScaling:
     truncate: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            v = getattr(self, name)
+            if v is not None and not _is_real(v):
+                raise ValueError(f"yarn {name} must be a finite number, got {v!r}")
+        if not isinstance(self.original_max_position_embeddings, int) or isinstance(
+                self.original_max_position_embeddings, bool):
+            raise ValueError(f"yarn original_max_position_embeddings must be an integer, got "
+                             f"{self.original_max_position_embeddings!r}")
         if not self.factor > 0:
             raise ValueError(f"yarn factor must be > 0, got {self.factor}")
         if self.original_max_position_embeddings < 1:
@@ -98,14 +110,35 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.dlm_type not in DLM_TYPES:
             raise ValueError(f"dlm_type must be one of {DLM_TYPES}, got {self.dlm_type!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        # Numbers that load fine but make every output wrong (a NaN epsilon, an infinite base...) are
+        # refused here, with the field named, rather than discovered as empty or garbage text.
+        for name, lo, hi in (("rms_norm_eps", 0.0, 1.0), ("rope_theta", 0.0, 1e12)):
+            v = getattr(self, name)
+            if not _is_real(v) or not lo < v <= hi:
+                raise ValueError(f"ModelConfig.{name} must be a finite number in ({lo:g}, {hi:g}], got {v!r}")
+        if self.llama4_scaling_beta is not None and (not _is_real(self.llama4_scaling_beta)
+                                                     or not 0 <= self.llama4_scaling_beta <= 10):
+            raise ValueError(f"ModelConfig.llama4_scaling_beta must be a finite number in [0, 10], got "
+                             f"{self.llama4_scaling_beta!r}")
+        for name in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "llama4_original_max"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ValueError(f"ModelConfig.{name} must be an integer or null, got {v!r}")
         for name in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and not (0 <= v < self.vocab_size):
                 raise ValueError(f"{name}={v} is outside the vocabulary [0, {self.vocab_size})")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.llama4_scaling_beta is not None and not self.llama4_original_max:
             raise ValueError("llama4_scaling_beta needs llama4_original_max (a positive integer)")
+        # Shapes that no checkpoint here could hold: refuse before anything is allocated.
+        limits = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_layers": 1024,
+                  "num_heads": 1024, "head_dim": 4096, "max_seq_len": 1 << 24, "block_len": 4096}
+        for name, cap in limits.items():
+            if getattr(self, name) > cap:
+                raise ValueError(f"ModelConfig.{name} = {getattr(self, name)} is beyond any supported model "
+                                 f"(at most {cap})")
 
     # -- derived -------------------------------------------------------------------------------
     @property
