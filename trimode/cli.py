@@ -175,6 +175,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         best = max(spec, key=lambda r: r["tokens_per_s"])
         print(f"\nfirst prompt, {best['mode']} mode:\n{texts[0]}\n---")
         print(tok.decode(best["outputs"][0]).strip())
+    spec_rows = [r for r in rows if r["mode"] in ("linear", "quadratic") and r["speedup_vs_ar"]]
+    if spec_rows and max(r["speedup_vs_ar"] for r in spec_rows) < 1.0:
+        best = max(spec_rows, key=lambda r: r["speedup_vs_ar"])
+        why = (f"\nSpeculation loses on this machine: a {best['mode']} forward costs "
+               f"{best['forward_cost_vs_ar']:.2f}x an AR step, more than the {best['tokens_per_forward']:.2f} "
+               "tokens it yields. ")
+        if args.model == "bundled":
+            why += ("The bundled 6.8M model is overhead-bound (its weights sit in cache), so wider forwards cost "
+                    "per-op time; judge speculation on `--model smollm2`.")
+        else:
+            why += (f"The model is compute-bound here ({torch.backends.cpu.get_cpu_capability()}, {dt_name}, "
+                    f"{args.threads} thread(s)); speculation pays where a 16-token forward costs ~1.1x a 1-token "
+                    "one (a CPU with native bf16 matmuls, a GPU)"
+                    + ("; there this demo measured linear 1.12x (docs/speculation.md)." if args.model == "smollm2"
+                       else "."))
+        print(why)
     print("\n(fwd cost: seconds per forward over AR's, so vs ar = tok/fwd / fwd cost; speculation wins where "
           "a forward of a block costs little more than one of a token, i.e. where the model is memory-bound.")
     print(" accept: tokens per verify, accepted drafts + 1. linear and quadratic emit only tokens the AR "
