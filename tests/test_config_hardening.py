@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from trimode.checkpoint import load_model, save_model
 from trimode.config import ModelConfig
@@ -51,3 +52,32 @@ def test_a_deeply_nested_config_is_a_clear_error(tmp_path):
     (d / "config.json").write_text('{"a": ' * 100000 + "1" + "}" * 100000)
     with pytest.raises(ValueError, match="nested too deeply|cannot read"):
         load_model(d)
+
+
+def test_integer_tensors_and_foreign_shards_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    save_model(init_weights(Transformer(ModelConfig(**BASE)), seed=0), d)
+    state = load_file(str(d / "model.safetensors"))
+    name = "layers.0.mlp.up_proj.weight"
+    relabelled = {**state, name: (state[name] * 1000).to(torch.int16)}  # same shape, the header says I16
+    save_file(relabelled, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{name}' is stored as I16; weights must be floating point"):
+        load_model(d)
+    save_file(state, str(d / "model.safetensors"))
+    load_model(d)
+
+    # A sharded index may only name files inside the checkpoint, by name.
+    (d / "model.safetensors").rename(d / "shard-1.safetensors")
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file(state, str(outside))
+    for weight_map, match in (({k: "../elsewhere.safetensors" for k in state}, "outside the checkpoint"),
+                              ({k: str(outside) for k in state}, "outside the checkpoint"),
+                              ({k: 1 for k in state}, "must map names to file names")):
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ValueError, match=match):
+            load_model(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "shard-1.safetensors"
+                                                                              for k in state}}))
+    load_model(d)

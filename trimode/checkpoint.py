@@ -79,6 +79,13 @@ def weight_entries(path: Path) -> dict[str, TensorEntry]:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{path / INDEX} has no weight_map")
+        root = path.resolve()
+        for name, file in weight_map.items():
+            if not isinstance(name, str) or not isinstance(file, str):
+                raise ValueError(f"{path / INDEX}: weight_map entries must map names to file names, got "
+                                 f"{name!r}: {file!r}")
+            if Path(file).is_absolute() or not (path / file).resolve().is_relative_to(root):
+                raise ValueError(f"{path / INDEX}: shard {file!r} lies outside the checkpoint directory")
         entries: dict[str, TensorEntry] = {}
         for file in sorted(set(weight_map.values())):
             for name, entry in read_header(path / file).items():
@@ -182,6 +189,10 @@ def load_model(
         model = Transformer(config.replace(tie_word_embeddings=False) if untie_check else config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mapping = map_names(entries, expected, path)
+    for stored in mapping.values():  # an integer tensor cast to float would load as silent garbage
+        if entries[stored].dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{entries[stored].file}: tensor {stored!r} is stored as {entries[stored].dtype}; "
+                             f"weights must be floating point ({', '.join(_SAFETENSORS_DTYPES)})")
     dt = resolve_dtype(dtype, raw, entries[mapping["embed_tokens.weight"]], device=device)
 
     by_file: dict[Path, list[str]] = {}
