@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from ..decode import FORWARD_KINDS
+from ..modes import MODE_NAMES
 from .suites import CATEGORIES, Prompt
 
-MODES = ("ar", "diffusion", "linear", "quadratic")
+MODES = MODE_NAMES
 
 
 def _ints(s: str) -> list[int]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
+from ..modes import MODE_NAMES, SPECULATIVE_MODES, Mode
 from ..sampling import SamplingParams
 from .ar import ARDecoder
 from .batch import DecodableModel, DecodeConfig, Decoder, DraftOverride, validate_rows
@@ -22,23 +22,6 @@ from .linear import LinearDecoder
 from .policies import EvenSchedule, JointThreshold, Oracle, PolicyContext, Threshold
 from .quadratic import QuadraticDecoder
 from .rows import EMIT, FORWARD_KINDS, PREFILL, Row, Step, make_rows
-
-
-class Mode(str, Enum):
-    AR = "ar"
-    DIFFUSION = "diffusion"
-    LINEAR = "linear"
-    QUADRATIC = "quadratic"
-
-    @classmethod
-    def parse(cls, value: str | Mode) -> Mode:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"unknown mode {value!r}; choose one of {', '.join(m.value for m in cls)}"
-            ) from None
-
 
 REGISTRY: dict[Mode, type[Decoder]] = {
     Mode.AR: ARDecoder,
@@ -215,7 +198,9 @@ __all__ = [
     "EvenSchedule",
     "JointThreshold",
     "Generation",
+    "MODE_NAMES",
     "Mode",
+    "SPECULATIVE_MODES",
     "Oracle",
     "PolicyContext",
     "Row",

@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ..modes import MODE_NAMES, SPECULATIVE_MODES
+
 # "auto" runs speculative decoding while running + queued requests <= the crossover. Without a
 # measurement (serving.json, written by `trimode bench --write-crossover`) we assume 8: speculation
 # pays while a forward is memory-bound, and batches of a handful of rows already fill a small device.
@@ -40,7 +42,7 @@ def read_serving(path: Path) -> tuple[dict, str]:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{f}: auto_crossover must be a non-negative integer, got {value!r}")
     out = {"auto_crossover": value}
-    if data.get("speculative_mode") in ("linear", "quadratic"):
+    if data.get("speculative_mode") in SPECULATIVE_MODES:
         out["speculative_mode"] = data["speculative_mode"]
     bl = data.get("block_len")
     if isinstance(bl, int) and not isinstance(bl, bool) and bl >= 1:
@@ -75,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory "
                                                              "name, 'bundled' for the bundled model)")
     g = p.add_argument_group("decoding defaults (a request's \"decoding\" field overrides them)")
-    g.add_argument("--mode", default="auto", choices=["auto", "ar", "diffusion", "linear", "quadratic"],
+    g.add_argument("--mode", default="auto", choices=["auto", *MODE_NAMES],
                    help="decoding mode of requests that do not name one")
-    g.add_argument("--spec-mode", default=None, choices=["linear", "quadratic"],
+    g.add_argument("--spec-mode", default=None, choices=list(SPECULATIVE_MODES),
                    help=f"the speculative mode 'auto' uses at low load. Default: speculative_mode from "
                         f"DIR/{SERVING_JSON}, else speculative_mode from DIR/decoding.json, else linear")
     g.add_argument("--auto-crossover", type=int, default=None,
@@ -182,7 +184,7 @@ def build(args: argparse.Namespace):
 
     # Without --block-len each mode uses the block length measured best for this model (decoding.json).
     block_lens = {} if explicit_block_len else {
-        m: best_block_len(model, m, fallback=args.block_len) for m in ("diffusion", "linear", "quadratic")}
+        m: best_block_len(model, m, fallback=args.block_len) for m in MODE_NAMES if m != "ar"}
     if block_lens:
         block_lens["auto"] = block_lens[args.spec_mode]
     settings = ServerSettings(

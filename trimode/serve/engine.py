@@ -26,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..modes import SPECULATIVE_MODES
 from .metrics import ServerMetrics
 from .schemas import APIError, usage
 from .text import TextStream
 
 log = logging.getLogger("trimode.serve")
 
-SPEC_MODES = ("linear", "quadratic")
+SPEC_MODES = SPECULATIVE_MODES
 
 
 @dataclass

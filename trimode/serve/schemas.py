@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-MODES = ("auto", "ar", "diffusion", "linear", "quadratic")
+from ..modes import MODE_NAMES
+
+MODES = ("auto", *MODE_NAMES)
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # as OpenAI: up to 4 stop sequences
 MAX_STOP_CHARS = 256
@@ -54,7 +56,7 @@ class Decoding(_Strict):
     """The `decoding` extension field: which decoder runs this request (None: server default)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    mode: Literal["auto", "ar", "diffusion", "linear", "quadratic"] | None = None
+    mode: Literal["auto", "ar", "diffusion", "linear", "quadratic"] | None = None  # == MODES (a test checks)
     block_len: int | None = Field(default=None, ge=1)
     threshold: Float | None = Field(default=None, ge=0.0, le=1.0)
 
