@@ -217,7 +217,8 @@ def test_save_copies_tokenizer(tmp_path: Path) -> None:
 
     from trimode.tokenizer import Tokenizer, load_tokenizer
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<|mask|>", "hello", "world"])}
+    words = ["<unk>", "<s>", "</s>", "<|mask|>", "hello", "world"] + [f"w{i}" for i in range(90)]  # 96 of 128
+    vocab = {w: i for i, w in enumerate(words)}
     backend = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = Tokenizer(backend, special_tokens={"bos": "<s>", "eos": "</s>"}, chat_template="{{ messages[0].content }}")

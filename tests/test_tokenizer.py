@@ -229,3 +229,14 @@ def test_chat_template_matches_transformers(tok: Tokenizer) -> None:
                    {"add_generation_prompt": True, "enable_thinking": True}):
             want = utils.render_jinja_template([msgs], chat_template=CHATML, **kw)[0][0]
             assert tok.apply_chat_template(msgs, **kw) == want
+
+
+def test_check_model_refuses_another_models_tokenizer(tok: Tokenizer) -> None:
+    """A 3-token (or any far smaller) tokenizer beside a big embedding is another model's: every id it
+    produces would be a wrong token, silently. A padded vocabulary (a few percent) stays fine."""
+    n = tok.vocab_size
+    big = ModelConfig(vocab_size=4 * n, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                      num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="another model's tokenizer"):
+        tok.check_model(big)
+    tok.check_model(big.replace(vocab_size=n + n // 8))

@@ -201,6 +201,11 @@ class Tokenizer:
             raise ValueError(
                 f"tokenizer has {self.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
             )
+        if self.vocab_size * 2 < config.vocab_size:  # padding adds a few percent, never doubles a vocabulary
+            raise ValueError(
+                f"tokenizer has {self.vocab_size} tokens for a model of {config.vocab_size}: it is another model's "
+                "tokenizer (a padded vocabulary is at most a few percent larger)"
+            )
         for name in ("mask_token_id", "eos_token_id"):
             tid = getattr(config, name)
             if tid is not None and self._tok.id_to_token(tid) is None:
