@@ -70,3 +70,38 @@ def test_drafter_caches_never_run_code(tmp_path):
         train_drafter(DrafterConfig(model="bundled", out=str(tmp_path / "a"), steps=1, data_cache=str(cache)),
                       log=lambda s: None)
     assert not marker.exists()
+
+
+def test_run_directory_survives_kills_mid_write(tmp_path, monkeypatch):
+    """A truncated last line of log.jsonl does not block --resume; temporary checkpoint directories a
+    killed writer left are removed at the next save; a dataset cache is never left half-written."""
+    import json
+
+    cfg = tiny_cfg(tmp_path, steps=4, save_every=2, eval_every=100)
+    train(cfg.replace(stop_after=2), log=lambda *_: None)
+    out = Path(cfg.out_dir)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "ar_loss": 1.2')  # the kill came mid-line
+    root = C.checkpoint_root(out)
+    (root / ".step_00000004.tmp-dead").mkdir()
+    (root / ".step_00000004.tmp-dead" / "model.safetensors").write_bytes(b"\0" * 10)
+    train(cfg.replace(resume=True), log=lambda *_: None)
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines() if '"ar_loss"' in x]
+    assert steps == [1, 2, 3, 4]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "data.pt" in str(f):
+            Path(f).write_bytes(b"\0" * 100)  # some bytes reached the disk
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    fresh = tiny_cfg(tmp_path / "b", steps=1, save_every=1, eval_every=100)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        train(fresh, log=lambda *_: None)
+    assert not list(Path(fresh.out_dir).glob("*data.pt*"))  # neither a partial cache nor its temp file
+    monkeypatch.undo()
+    train(fresh, log=lambda *_: None)

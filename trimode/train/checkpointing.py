@@ -78,6 +78,9 @@ def save_checkpoint(
         if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: atomic_dir cleaned up; propagate
             raise
         raise CheckpointError(f"could not write checkpoint {final}: {e}{_free_space(root)}") from e
+    # Temporary directories a killed writer left behind are never a checkpoint: remove them.
+    for stale in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     # Prune old complete checkpoints (never the one `latest` names).
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in done[:-keep] if keep > 0 else []:

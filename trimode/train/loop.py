@@ -320,6 +320,15 @@ def setup(cfg: TrainConfig, *, log=print) -> Run:
                Order(ds.train_tokens.shape[0], cfg.seed), start)
 
 
+def _record_step(line: str) -> float:
+    """The step of one log.jsonl line; a line a kill truncated (or any unreadable one) is dropped (inf)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return math.inf
+    return rec.get("step", 0) if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) else math.inf
+
+
 def _resume(cfg: TrainConfig, model: Transformer, out: Path, rank: int, log) -> tuple[int, dict | None]:
     """Load the latest checkpoint into `model` (full weights: FSDP2 shards them later); returns the step
     and the trainer state (None without a checkpoint). The log keeps only records up to that step."""
@@ -339,7 +348,7 @@ def _resume(cfg: TrainConfig, model: Transformer, out: Path, rank: int, log) -> 
     start = int(st["step"])
     log_path = out / "log.jsonl"
     if rank == 0 and log_path.exists():  # drop records after the checkpoint: the log stays exact
-        keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start]
+        keep = [ln for ln in log_path.read_text(errors="replace").splitlines() if _record_step(ln) <= start]
         log_path.write_text("".join(k + "\n" for k in keep))
     if rank == 0:
         log(f"resumed from {ck} at step {start} (written with {st.get('world_size', 1)} rank(s), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,11 @@ def build_dataset(cfg: TrainConfig, *, log=print) -> Dataset:
     }
     ds = {"train_tokens": tt, "train_mask": tm, "val_tokens": vt, "val_mask": vm, "eos_id": eos_id, "mask_id": mask_id,
               "pad_id": pad_id, "vocab_size": tok.get_vocab_size(), "info": info}
-    torch.save({"fingerprint": fp, "dataset": ds}, cache_path)
+    tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
+    try:  # written aside and renamed: a full disk or a kill never leaves a half-written cache behind
+        torch.save({"fingerprint": fp, "dataset": ds}, tmp)
+        os.replace(tmp, cache_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     (out / "data_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return Dataset(tokenizer_dir=tok_dir, **ds)
