@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..sampling import SamplingParams
 from . import schemas
@@ -52,6 +53,7 @@ class ServerSettings:
     max_block_len: int = 64
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds from a request's headers to the end of its body; then 408
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] | None = None  # Host header allow-list (None: no check; see guard.py)
     created: int = field(default_factory=schemas.now)
@@ -127,6 +129,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
     app.add_middleware(Guard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(_RequestCounter, metrics=engine.metrics)  # outermost: refused requests count too
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal)
     app.add_api_route("/v1/models", list_models, methods=["GET"])
@@ -146,6 +149,14 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
     return _error(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None))
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read: nobody to answer, nothing to log."""
+
+
+async def _client_gone(request: Request, e: ClientGone) -> Response:
+    return Response(status_code=400)  # never delivered; uvicorn drops writes to a closed connection
 
 
 async def _internal(request: Request, e: Exception) -> JSONResponse:
@@ -187,7 +198,21 @@ async def prom(request: Request) -> Response:
 
 
 # -- validation: each a pure function of the request and the settings --------------------------------
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_json(request: Request, max_bytes: int, timeout: float | None = None) -> Any:
+    """The request's JSON body: at most max_bytes, all of it within `timeout` seconds (a stalled upload
+    gets 408 and the connection is closed); a client that leaves mid-upload raises ClientGone."""
+    try:
+        async with asyncio.timeout(timeout if timeout and timeout > 0 else None):
+            body = await _read_body(request, max_bytes)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return _parse_json(body)
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -201,7 +226,10 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes", code="body_too_large")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -314,7 +342,7 @@ async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, as
     st = AppState.of(request)
     s = st.settings
     req = schemas.parse(schemas.ChatRequest if chat else schemas.CompletionRequest,
-                        await read_json(request, s.max_body_bytes))
+                        await read_json(request, s.max_body_bytes, s.body_timeout))
     check_model(req, s)
     stops = req.stop_list()
     mode, block_len, threshold = decoding(req, s, st.engine.config)

@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-connections", type=int, default=512,
                      help="open connections at once; beyond it new ones get 503 (uvicorn limit_concurrency)")
     lim.add_argument("--max-header-bytes", type=int, default=16384, help="request line + headers larger get 400")
+    lim.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection may take to send a request's line and headers (from opening, "
+                          "or from the end of the previous response); then it is closed (408 if it had begun)")
+    lim.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds from a request's headers to the end of its body; a stalled upload gets 408")
     sec = p.add_argument_group("access")
     sec.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every route but /health (default: "
@@ -163,7 +168,7 @@ def build(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
-    for name in ("shutdown_grace", "keep_alive_timeout"):
+    for name in ("shutdown_grace", "keep_alive_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("max_connections", "max_header_bytes"):
@@ -194,7 +199,7 @@ def build(args: argparse.Namespace):
         block_lens=block_lens, default_threshold=args.threshold, default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
         max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-        api_key=(args.api_key if args.api_key is not None else os.environ.get("TRIMODE_API_KEY")) or None,
+        body_timeout=args.body_timeout, api_key=(args.api_key if args.api_key is not None else os.environ.get("TRIMODE_API_KEY")) or None,
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts.split(",")))
     if args.mode not in ("ar", "auto") and not settings.has_mask:
         raise ValueError(f"--mode {args.mode} needs a mask token, which this model has not")
@@ -236,10 +241,17 @@ def main(argv: list[str] | None = None) -> int:
             engine.drain(max(0.0, args.shutdown_grace - 1.0))
             super().handle_exit(sig, frame)
 
+    from .protocol import guarded_protocol
+
+    max_connections = _fit_descriptor_limit(args.max_connections)
+    logging.getLogger("asyncio").addFilter(_OncePer("out of system resource"))
+    # Idle connections beyond the cap are evicted by the protocol (oldest first); uvicorn's own limit
+    # (503 for a request) only bites when every connection is busy.
     server = DrainingServer(uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, backlog=BACKLOG,
+        http=guarded_protocol(args.header_timeout, max_connections),
         timeout_graceful_shutdown=args.shutdown_grace, timeout_keep_alive=args.keep_alive_timeout,
-        limit_concurrency=args.max_connections, h11_max_incomplete_event_size=args.max_header_bytes))
+        limit_concurrency=max_connections + 1, h11_max_incomplete_event_size=args.max_header_bytes))
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal: make both a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
@@ -247,6 +259,53 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0 if server.started else 1
+
+
+BACKLOG = 128  # connections the kernel queues for accept(); asyncio accepts up to this many per wake-up
+
+
+class _OncePer:
+    """A logging filter that lets a message through at most once per `seconds` (asyncio logs every
+    failed accept() of a burst, thousands of tracebacks a second when the open-files limit is hit)."""
+
+    def __init__(self, needle: str, seconds: float = 10.0) -> None:
+        self.needle, self.seconds, self.last = needle, seconds, float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.needle not in str(record.msg):
+            return True
+        import time
+
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
+def _fit_descriptor_limit(max_connections: int, reserve: int = BACKLOG + 64) -> int:
+    """Raise the soft open-files limit towards the hard one so that max_connections sockets fit beside
+    the model's and the server's own files; when they cannot, lower the cap (and say so) rather than
+    letting accept() fail with EMFILE, which makes every new connection, /health included, hang."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + reserve
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        fit = max(1, soft - reserve)
+        print(f"trimode serve: warning: the open-files limit is {soft}; --max-connections lowered from "
+              f"{max_connections} to {fit}", file=sys.stderr, flush=True)
+        return fit
+    return max_connections
 
 
 def _exit_cleanly(signum, frame) -> None:
