@@ -68,3 +68,25 @@ def test_cycle_token_budget_and_decoder_cap_queue_the_rest():
         gate.set()
         wait_for(lambda: all(e and isinstance(e[-1], Done) for e in quad + diff), timeout=20)
         assert all(e[-1].usage["completion_tokens"] == 8 for e in quad + diff)
+
+
+def test_a_new_light_request_runs_to_the_end_before_the_wide_one_goes_again():
+    """A decoder that arrives beside a long-running wide one gets a credit of one of its cycles: the
+    8-token AR request runs all its cycles back to back (forwards cannot be interrupted, so only the
+    cycle in progress when it arrived delays it). Without the credit the wide decoder would run again
+    right after the light one's first cycle."""
+    with make_client(delay={"quadratic": 0.2, "ar": 0.005}, default_mode="ar") as c:
+        eng = c.engine
+        heavy: list = []
+        big = job("quadratic", heavy, max_tokens=400)
+        eng.submit(big)
+        wait_for(lambda: big.row is not None and len(big.row.trace) >= 2)  # a wide cycle time on record
+        seen: list[int] = []  # the wide row's cycle count at each event of the light request
+        light = job("ar", [], max_tokens=8)
+        light.sink = lambda ev: seen.append((len(big.row.trace), ev))
+        eng.submit(light)
+        wait_for(lambda: seen and isinstance(seen[-1][1], Done), timeout=10)
+        counts = [n for n, ev in seen if not isinstance(ev, Done)]
+        assert len(light.row.tokens) == 8
+        assert max(counts) - min(counts) == 0, counts
+        eng.cancel(big)

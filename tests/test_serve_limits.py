@@ -140,3 +140,16 @@ def test_a_client_leaving_mid_upload_logs_nothing(server):
     assert httpx.get(url + "/health", timeout=5).status_code == 200
     text = log.read_text()
     assert text.count("\n") == before, text[-2000:]
+
+
+@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                                 b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                                 b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"])
+def test_protocol_errors_are_openai_shaped(server, raw):
+    port, _, _ = server
+    s = connect(port)
+    s.sendall(raw)
+    reply = read_all(s)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), reply[:200]
+    assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}

@@ -52,6 +52,35 @@ def load_state(path: Path, what: str) -> Any:
                          "code from files") from None
 
 
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Raise ValueError naming `path` unless this process can create (or write into) the directory
+    `path`: it must be a directory or not exist yet, and the nearest existing ancestor must accept a
+    new file (probed with a real file, so read-only mounts count too; the probe is removed at once).
+    Nothing is created: commands call this before any expensive work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot use {path} as the {what}: it exists and is not a directory")
+    base = path
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"cannot create the {what} {path}: {base} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trimode-write-probe-", dir=base)
+    except OSError as e:
+        where = "" if base == path else f" ({base.resolve()} is not writable)"
+        raise ValueError(f"cannot write to the {what} {path}{where}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError from a read or a write: 'FILE: reason' (the file when the error names it)."""
+    files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{files}: {reason}" if files else reason
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace the file `path` by `text` in one rename (a reader sees the old or the new text, whole)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -105,6 +134,27 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Contiguous CPU copies, so views, GPU tensors and tied storages all serialise."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(cpu, str(path), metadata={"format": "pt"})
+    os.chmod(path, default_mode())  # safetensors creates its file 0600
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS can (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode open() / mkdir() would give a new file (0666) or directory (0777) under the umask (typically
+    0644 / 0755): for files written through mkstemp / mkdtemp or by libraries that create them 0600."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -144,7 +194,7 @@ def atomic_dir(path: str | Path, *, marker: str) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it 0700
         if path.exists():
             old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)

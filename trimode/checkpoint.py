@@ -41,6 +41,8 @@ ADAPTERS_DIR = "adapters"
 # Where the decoder body may sit, by layout; the embedding's key tells which one a checkpoint uses.
 BODY_PREFIXES = ("", "model.", "encoder.", "language_model.model.", "model.language_model.")
 HEAD_KEYS = ("lm_head.weight", "diffusion_head.weight", "language_model.lm_head.weight")
+# The output head each layout stores (by the body's prefix): what a missing head is reported as.
+HEAD_OF_BODY = {"encoder.": "diffusion_head.weight", "language_model.model.": "language_model.lm_head.weight"}
 # Stored tensors that carry no information we need: old HF rotary caches, and the vision tower of a
 # VLM checkpoint whose text decoder we load.
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -128,9 +130,12 @@ def map_names(
     if extra:
         raise ValueError(f"{where}: unexpected tensors not used by the model: {', '.join(sorted(extra)[:8])}"
                          + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
-    missing = [body + n if n != "lm_head.weight" else n for n in expected if n not in mapping]
+    head = HEAD_OF_BODY.get(body, "lm_head.weight")
+    missing = [body + n if n != "lm_head.weight" else head for n in expected if n not in mapping]
     if missing:
-        hint = " (config.json says tie_word_embeddings=false)" if "lm_head.weight" in missing else ""
+        hint = "" if head not in missing else (
+            " (an NLD checkpoint always stores its own output head)" if body == "encoder."
+            else " (config.json says tie_word_embeddings=false)")
         raise ValueError(f"{where}: missing tensors: {', '.join(missing[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else "") + hint)
     for ours, stored in mapping.items():
@@ -180,8 +185,9 @@ def load_model(
     entries = weight_entries(path)
     native = raw.get("model_type") == "trimode"
     nld = raw.get("model_type") == "nemotron_labs_diffusion"
-    if nld and config.tie_word_embeddings and "diffusion_head.weight" in entries:
-        # NLD unties the head even where its base model tied it (the 3B), whatever config.json inherited.
+    if nld and config.tie_word_embeddings:
+        # NLD always stores its own head (diffusion_head.weight), untied even where its base model tied it
+        # (the 3B), whatever config.json inherited: a directory without it is incomplete, not tied.
         config = config.replace(tie_word_embeddings=False)
     untie_check = config.tie_word_embeddings and any(k in entries for k in HEAD_KEYS)
 

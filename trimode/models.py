@@ -196,11 +196,35 @@ def best_block_len(model, mode: str, *, category: str | None = None, fallback: i
     return fallback if fallback is not None else int(model.config.block_len)
 
 
+# The block length of a mode the model has no measurement for, in every command (demo, generate, serve):
+# the fastest linear draft length on the bundled model (docs/serving.md); a short block is also the
+# safe choice for the other modes (a long draft costs wide forwards whatever it yields).
+DEFAULT_BLOCK_LEN = 4
+BLOCK_LEN_HELP = ("diffusion block / draft length. Default, per mode: the model's measured best (MODEL/decoding.json, "
+                  "trimode bench --write-block-lens), else block_len of MODEL/serving.json (trimode bench "
+                  f"--write-crossover), else {DEFAULT_BLOCK_LEN}")
+
+
+def default_block_len(model, mode: str, model_dir: str | os.PathLike | None = None) -> int:
+    """The block length `mode` runs at when the user names none, the same in every command: the model's
+    measured best for the mode (decoding.json, read into `model.decoding` by load_model), else the block
+    length stored in MODEL/serving.json (the one its auto crossover was measured with), else
+    DEFAULT_BLOCK_LEN."""
+    fallback = DEFAULT_BLOCK_LEN
+    f = Path(model_dir) / "serving.json" if model_dir is not None else None
+    if f is not None and f.is_file():
+        try:
+            v = json.loads(f.read_text()).get("block_len")
+        except (OSError, ValueError, AttributeError):
+            v = None  # a damaged serving.json is reported by the server's own reader
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            fallback = v
+    return best_block_len(model, mode, fallback=fallback)
+
+
 def write_decoding(model_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Merge `info` into MODEL/decoding.json (atomically): the modes it measured replace theirs,
     other modes keep what an earlier measurement stored."""
-    import tempfile
-
     d = Path(model_dir)
     if not d.is_dir():
         raise ValueError(f"model directory {d} does not exist")
@@ -222,10 +246,9 @@ def write_decoding(model_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
             del by_cat[c]
     merged["by_category"] = by_cat
     info = merged
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".decoding.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, d / DECODING_FILE)
+    from ._io import write_text_atomic
+
+    write_text_atomic(d / DECODING_FILE, json.dumps(info, indent=2) + "\n")  # umask permissions, not mkstemp's 0600
     return d / DECODING_FILE
 
 

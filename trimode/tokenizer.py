@@ -10,6 +10,8 @@ emitting half of a multi-byte character.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ class Tokenizer:
     ) -> None:
         self._tok = tokenizer
         self._vocab_size: int | None = None
+        self._specials: _SpecialTokens | None = None  # built on the first encode_chat
         self.chat_template = chat_template
         # Raw bytes of tokenizer.json and AUX_FILES when loaded from a directory; rewritten on save.
         self._files = dict(files or {})
@@ -190,6 +193,70 @@ class Tokenizer:
         context.update(kwargs)
         return render(template, messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
 
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """The ids of `messages` rendered with the chat template, where only the template's own text can
+        produce special tokens: a special-token string inside a message (a user typing
+        `<|im_start|>system`) is encoded as the plain text it is, never as a control token.
+
+        Every string of the messages (and of the extra template arguments, e.g. `tools`) has its
+        special-token strings replaced by markers carrying a random nonce before rendering, so they
+        survive whatever the template does with the content; the rendered text is then cut at the
+        special tokens the template wrote (those become their ids) and the text between them, markers
+        turned back into the strings they stand for, is encoded with special-token matching off. With no
+        special-token string in any content the ids are exactly `encode(apply_chat_template(...))`.
+        """
+        if self._specials is None:
+            self._specials = _SpecialTokens(self._tok)
+        sp = self._specials
+        if not sp.names:
+            return self.encode(self.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs))
+        names, index, in_content = sp.names, sp.index, sp.in_content
+        nonce = str(secrets.randbelow(10**12))  # digits: unchanged by upper / lower / title filters
+
+        def mark(x: Any) -> Any:
+            if isinstance(x, str):
+                return in_content.sub(lambda m: f"\ue000{nonce}:{index[m.group()]}\ue001", x)
+            if isinstance(x, dict):
+                return {k: mark(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [mark(v) for v in x]
+            return x
+
+        text = self.apply_chat_template([mark(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                                        chat_template=chat_template, **{k: mark(v) for k, v in kwargs.items()})
+        real = sp.in_template
+        ids: list[int] = []
+        plain: list[str] = []
+
+        def flush() -> None:
+            if plain:
+                ids.extend(sp.plain.encode("".join(plain), add_special_tokens=False).ids)
+                plain.clear()
+
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
+        for i, part in enumerate(parts):
+            if i % 2:  # a special-token string that came from the content: plain text
+                plain.append(names[int(part)])
+                continue
+            pos = 0
+            for m in real.finditer(part):
+                plain.append(part[pos:m.start()])
+                flush()
+                token = next(g for g in m.groups() if g is not None)
+                ids.append(self._tok.token_to_id(token))
+                pos = m.end()
+            plain.append(part[pos:])
+        flush()
+        return ids
+
     # -- checks and saving -------------------------------------------------------------------
     def check_model(self, config: ModelConfig) -> None:
         """Raise ValueError if this tokenizer cannot drive a model with `config`.
@@ -224,6 +291,23 @@ class Tokenizer:
             files["tokenizer_config.json"] = (json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         for name, data in files.items():
             (path / name).write_bytes(data)
+
+
+class _SpecialTokens:
+    """What `Tokenizer.encode_chat` needs of a tokenizer's special added tokens, built once."""
+
+    def __init__(self, tok: tokenizers.Tokenizer) -> None:
+        specials = {t.content: t for t in tok.get_added_tokens_decoder().values() if t.special and t.content}
+        self.names = sorted(specials, key=len, reverse=True)  # longest first: the regex takes the first match
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.in_content = re.compile("|".join(re.escape(n) for n in self.names)) if self.names else None
+        # The template's special tokens, with the whitespace their lstrip / rstrip flags absorb (as encode does).
+        self.in_template = re.compile("|".join(
+            ("\\s*" if specials[n].lstrip else "") + f"({re.escape(n)})" + ("\\s*" if specials[n].rstrip else "")
+            for n in self.names)) if self.names else None
+        # A copy that encodes special-token strings as the text they spell.
+        self.plain = tokenizers.Tokenizer.from_str(tok.to_str())
+        self.plain.encode_special_tokens = True
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

@@ -5,7 +5,8 @@
     trimode bench --synthetic nld-8b --device cuda [--context 1024] [--accept 5.46,6.82]
 
 Prints what the architecture implies (FLOPs and bytes per forward kind, the machine's roofline),
-then the measured tables, and ends with one JSON line (`--json`: only that line).
+then the measured tables. The full results as JSON: `--json` prints only them (one line, for
+scripts), `--out FILE` writes them to FILE besides the tables.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 | bfloat16 | auto (fastest here) (default: stored; synthetic: bf16 on cuda)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: small models on shared cores lose with more)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print only the full results, as one JSON line (no tables)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the full results as JSON to FILE")
     return p
 
 
@@ -144,7 +146,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
                         accept=tuple(a for a in args.accept if a is not None), machine=machine,
                         reps=args.repeats if args.repeats > 1 else None)
     if args.json:
-        print(json.dumps(res))
+        _emit(args, res)
         return 0
     c = res["config"]
     print(f"synthetic {res['shape']}: {res['parameters'] / 1e9:.2f} B parameters ({c}), {res['dtype']}, "
@@ -166,7 +168,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
             v, s = r["tokens_per_s"][a], r["speedup_vs_ar"][a]
             cells.append(f"{'-':>18}" if v is None else f"{v:>10.1f} ({s:4.2f}x)")
         print(f"{r['scheme']:<16} {1e3 * r['forward_s']:>9.3f} " + " ".join(cells))
-    print(json.dumps(res))
+    _emit(args, res)
     return 0
 
 
@@ -500,8 +502,20 @@ def cmd_model(args: argparse.Namespace) -> int:
                   f"written to {dd['written']}")
         if out.get("plots"):
             print("plots: " + ", ".join(out["plots"]))
-    print(json.dumps(out))
+    _emit(args, out)
     return 0
+
+
+def _emit(args: argparse.Namespace, result: dict) -> None:
+    """The full results as JSON: the only output with --json, written to --out FILE when given."""
+    if args.json:
+        print(json.dumps(result))
+    if args.out:
+        from .._io import write_text_atomic
+
+        write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
+        if not args.json:
+            print(f"results: {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,6 @@ The server reads `auto_crossover` as the concurrency above which `auto` picks `a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,8 +84,7 @@ def write_serving(model_dir: str | Path, info: dict) -> Path:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it") from None
     data.update(info)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".serving.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from .._io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # umask permissions, not mkstemp's 0600
     return path

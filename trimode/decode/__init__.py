@@ -80,10 +80,10 @@ def prepare(
 ) -> tuple[Mode, DecodeConfig, list[Row]]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
-    if block_len is None:  # the measured best stored with the model (decoding.json), else 32
-        from ..models import best_block_len
+    if block_len is None:  # the measured best stored with the model (decoding.json), else the CLI's default
+        from ..models import DEFAULT_BLOCK_LEN, best_block_len
 
-        block_len = best_block_len(model, m.value, fallback=32)
+        block_len = best_block_len(model, m.value, fallback=DEFAULT_BLOCK_LEN)
     if tree_nodes is None:  # linear: the verify tree stored with the model (decoding.json), else a chain
         from ..models import stored_tree_nodes
 
@@ -170,7 +170,8 @@ def generate(
     """Decode every prompt (a list of token-id lists; ragged lengths are fine) in one batch.
 
     mode: "ar", "diffusion", "linear" or "quadratic". block_len: diffusion block / draft length
-    (default: the model's measured best for the mode, `decoding.json` beside its weights, else 32).
+    (default: the model's measured best for the mode, `decoding.json` beside its weights, else 4, as
+    in the CLI).
     threshold: diffusion confidence threshold (None: even schedule over `steps`). stop: extra stop
     token ids. eos_id: defaults to the model's. Sampling (docs/sampling.md): temperature (0, the
     default, is greedy), top_k, top_p, min_p, seed (int: prompt i gets seed + i; or one per prompt),

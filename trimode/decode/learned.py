@@ -145,14 +145,14 @@ class Sampler:
         return torch.sigmoid(self.model(x, slots).float())
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from .._io import save_tensors
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = {"kind": self.kind, "features": list(FEATURES), "mean": self.mean.tolist(), "std": self.std.tolist(),
                **self.meta}
         (path / CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(path / WEIGHTS))
+        save_tensors(self.model.state_dict(), path / WEIGHTS)  # umask permissions (safetensors alone: 0600)
 
 
 def load_sampler(path: str | Path) -> Sampler:

@@ -96,6 +96,25 @@ class _RequestCounter:
             self.metrics.requests.inc(endpoint=route, status=str(status["code"] or 499))
 
 
+class _HeadWithoutBody:
+    """ASGI middleware: a HEAD request is answered like its GET (status, headers, Content-Length) but
+    without the body, whatever the server under the app does with one."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app(scope, receive, send_headers_only)
+
+
 @dataclass
 class AppState:
     """What every handler reads, from `request.app.state.trimode`."""
@@ -132,10 +151,13 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal)
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", prom, methods=["GET"])
+    app.add_middleware(_HeadWithoutBody)
+    # HEAD wherever GET is (load balancers' health checks): the GET's status and headers, no body.
+    read = ["GET", "HEAD"]
+    app.add_api_route("/v1/models", list_models, methods=read)
+    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=read)
+    app.add_api_route("/health", health, methods=read)
+    app.add_api_route("/metrics", prom, methods=read)
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
@@ -325,14 +347,13 @@ def encode_chat(req: schemas.ChatRequest, tokenizer, s: ServerSettings) -> list[
     if sum(len(m["content"]) for m in messages) > 32 * s.prompt_limit + 64:
         raise APIError(400, f"the messages are far longer than the limit of {s.prompt_limit} tokens",
                        param="messages", code="context_length_exceeded")
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    try:  # special-token strings typed in a message stay text: only the template writes control tokens
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
     except ValueError as e:
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
     except Exception as e:  # noqa: BLE001 (jinja errors raised by the template on these messages)
         raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}"[:300],
                        param="messages") from None
-    return tokenizer.encode(text)
 
 
 # -- completions --------------------------------------------------------------------------------------
@@ -375,6 +396,7 @@ async def events(request: Request, job: Job, queue: asyncio.Queue, *, watch: boo
     st = AppState.of(request)
     engine = st.engine
     gone = asyncio.ensure_future(request.receive()) if watch else None
+    get = None
     try:
         while True:
             get = asyncio.ensure_future(queue.get())
@@ -397,9 +419,10 @@ async def events(request: Request, job: Job, queue: asyncio.Queue, *, watch: boo
             yield ev
             if isinstance(ev, (Done, Failed)):
                 return
-    finally:
-        if gone is not None:
-            gone.cancel()
+    finally:  # cancelled mid-wait (the client left, the server stops): no task may be left pending
+        for task in (gone, get):
+            if task is not None and not task.done():
+                task.cancel()
         if not job.finished:
             engine.cancel(job)
 

@@ -10,13 +10,14 @@ import signal
 import sys
 from pathlib import Path
 
+from ..models import BLOCK_LEN_HELP, DEFAULT_BLOCK_LEN
 from ..modes import MODE_NAMES, SPECULATIVE_MODES
 
 # "auto" runs speculative decoding while running + queued requests <= the crossover. Without a
 # measurement (serving.json, written by `trimode bench --write-crossover`) we assume 8: speculation
 # pays while a forward is memory-bound, and batches of a handful of rows already fill a small device.
 FALLBACK_CROSSOVER = 8
-FALLBACK_BLOCK_LEN = 4  # the fastest linear draft length on the bundled model (docs/serving.md)
+FALLBACK_BLOCK_LEN = DEFAULT_BLOCK_LEN  # one default for every command (trimode.models.default_block_len)
 SERVING_JSON = "serving.json"
 
 
@@ -87,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"auto_crossover from DIR/{SERVING_JSON} (trimode bench --write-crossover), else "
                         f"{FALLBACK_CROSSOVER}")
     g.add_argument("--block-len", type=int, default=None,
-                   help=f"diffusion block / draft length of every mode. Default: per mode, the best measured for "
-                        f"the model (DIR/decoding.json, trimode bench --write-block-lens), else block_len from "
-                        f"DIR/{SERVING_JSON}, else {FALLBACK_BLOCK_LEN}")
+                   help=f"{BLOCK_LEN_HELP}, as trimode generate and demo (given: every mode's)")
     g.add_argument("--threshold", type=float, default=0.9, help="diffusion confidence threshold")
     g.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens when a request omits it (capped by the context left)")
@@ -100,9 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-queue", type=int, default=256,
                      help="requests waiting for a slot; beyond it: 429 with Retry-After")
     lim.add_argument("--max-block-len", type=int, default=64, help="largest decoding.block_len a request may ask")
-    lim.add_argument("--max-cycle-tokens", type=int, default=1024,
+    lim.add_argument("--max-cycle-tokens", type=int, default=None,
                      help="tokens a decoder may put through one forward (rows x forward width; quadratic k "
-                          "is k(k+1) per row): bounds what one request costs everyone; wider requests get 400")
+                          "is k(k+1) per row): bounds what one request costs everyone; wider requests get "
+                          "400. Default: measured at start-up, the widest forward that costs at most "
+                          "--max-cycle-cost AR steps on this model and machine")
+    lim.add_argument("--max-cycle-cost", type=float, default=6.0,
+                     help="the start-up measurement's budget: a cycle may cost this many AR steps")
     lim.add_argument("--max-decoders", type=int, default=8,
                      help="distinct decoding configs (mode, block_len, threshold) run at once; others queue")
     lim.add_argument("--request-timeout", type=float, default=300.0,
@@ -163,9 +166,13 @@ def build(args: argparse.Namespace):
     if args.spec_mode is None:
         args.spec_mode = serving.get("speculative_mode")
     for name in ("max_running", "max_tokens_limit", "default_max_tokens", "max_block_len", "max_body_bytes",
-                 "block_len", "max_cycle_tokens", "max_decoders"):
+                 "block_len", "max_decoders"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_cycle_tokens is not None and args.max_cycle_tokens < 1:
+        raise ValueError(f"--max-cycle-tokens must be >= 1, got {args.max_cycle_tokens}")
+    if not args.max_cycle_cost >= 1:
+        raise ValueError(f"--max-cycle-cost must be >= 1 (AR steps), got {args.max_cycle_cost}")
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
     for name in ("shutdown_grace", "keep_alive_timeout", "header_timeout", "body_timeout"):
@@ -182,14 +189,14 @@ def build(args: argparse.Namespace):
         raise ValueError(f"{path} has no tokenizer.json; the server needs one")
     tok.check_model(model.config)
     c = model.config
-    from ..models import NAMES, best_block_len
+    from ..models import NAMES, default_block_len
 
     if args.spec_mode is None:  # the model's measured faster speculative mode (decoding.json), else linear
         args.spec_mode = model.decoding.get("speculative_mode", "linear")
 
     # Without --block-len each mode uses the block length measured best for this model (decoding.json).
     block_lens = {} if explicit_block_len else {
-        m: best_block_len(model, m, fallback=args.block_len) for m in MODE_NAMES if m != "ar"}
+        m: default_block_len(model, m, path) for m in MODE_NAMES if m != "ar"}
     if block_lens:
         block_lens["auto"] = block_lens[args.spec_mode]
     settings = ServerSettings(
@@ -203,6 +210,17 @@ def build(args: argparse.Namespace):
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts.split(",")))
     if args.mode not in ("ar", "auto") and not settings.has_mask:
         raise ValueError(f"--mode {args.mode} needs a mask token, which this model has not")
+    cycle_source = "--max-cycle-tokens"
+    if args.max_cycle_tokens is None:
+        from .calibrate import max_cycle_tokens
+        from .engine import forward_width
+
+        # The server's own defaults must always be admitted, whatever the measurement says.
+        floor = max(forward_width(m, block_lens.get(m, args.block_len))
+                    for m in MODE_NAMES if m == "ar" or settings.has_mask)
+        args.max_cycle_tokens, measured = max_cycle_tokens(model, args.max_cycle_cost, floor=floor)
+        cycle_source = (f"measured: <= {args.max_cycle_cost:g} AR steps of {measured['ar_step_ms']:g} ms; "
+                        f"cost by width {measured['cost_in_ar_steps']}")
     api = None
     if args.fake_decoder:
         from .fake import fake_api
@@ -213,6 +231,7 @@ def build(args: argparse.Namespace):
                                              default_max_tokens=args.max_tokens_limit,
                                              max_cycle_tokens=args.max_cycle_tokens,
                                              max_decoders=args.max_decoders), api=api)
+    engine.cycle_source = cycle_source
     return create_app(engine, tok, settings), engine, settings, source
 
 
@@ -233,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trimode serve: model {settings.model_name!r} ({args.model}), mode {args.mode}, auto: "
           f"{cfg.spec_mode} while load <= {cfg.auto_crossover} ({source}), else ar; "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(f"trimode serve: at most {cfg.max_cycle_tokens} tokens per forward ({engine.cycle_source})",
+          file=sys.stderr, flush=True)
     class DrainingServer(uvicorn.Server):
         """On SIGTERM / SIGINT the engine stops taking requests and gives the in-flight ones the grace
         period (less a second to send their answers), then uvicorn closes the connections."""
@@ -245,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     max_connections = _fit_descriptor_limit(args.max_connections)
     logging.getLogger("asyncio").addFilter(_OncePer("out of system resource"))
+    logging.getLogger("uvicorn.error").addFilter(_OncePer("Invalid HTTP request"))
     # Idle connections beyond the cap are evicted by the protocol (oldest first); uvicorn's own limit
     # (503 for a request) only bites when every connection is busy.
     server = DrainingServer(uvicorn.Config(
@@ -265,11 +287,13 @@ BACKLOG = 128  # connections the kernel queues for accept(); asyncio accepts up 
 
 
 class _OncePer:
-    """A logging filter that lets a message through at most once per `seconds` (asyncio logs every
-    failed accept() of a burst, thousands of tracebacks a second when the open-files limit is hit)."""
+    """A logging filter that lets a message through at most once per `seconds`, with a count of the
+    ones it held back. Clients control how often some messages are logged (asyncio logs every failed
+    accept() of a burst when the open-files limit is hit; uvicorn one warning per malformed request):
+    without this a client could grow the log as fast as it can send garbage."""
 
     def __init__(self, needle: str, seconds: float = 10.0) -> None:
-        self.needle, self.seconds, self.last = needle, seconds, float("-inf")
+        self.needle, self.seconds, self.last, self.held = needle, seconds, float("-inf"), 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.needle not in str(record.msg):
@@ -278,8 +302,12 @@ class _OncePer:
 
         now = time.monotonic()
         if now - self.last < self.seconds:
+            self.held += 1
             return False
-        self.last = now
+        if self.held:
+            record.msg = f"{record.msg} (and {self.held} more in the last {now - self.last:.0f} s)"
+            record.exc_info = record.exc_text = None
+        self.last, self.held = now, 0
         return True
 
 

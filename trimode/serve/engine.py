@@ -157,6 +157,7 @@ class Engine:
         self._running: dict[int, Job] = {}  # id(job) -> job, admitted and not finished
         self._decoders: dict[tuple, Any] = {}
         self._spent: dict[tuple, float] = {}  # worker seconds each live decoder has used (fair share)
+        self._last_cycle: dict[tuple, float] = {}  # seconds of each live decoder's latest cycle
         self._drain_deadline: float | None = None  # set by drain(): monotonic time the grace period ends
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -363,16 +364,21 @@ class Engine:
         """One cycle of the live decoder that has used the least worker time: decoders share the worker
         by time, not by turns, so a decoder with expensive cycles runs less often and one with cheap
         cycles (AR beside a wide quadratic) is not held to the expensive one's pace. A new decoder
-        starts at the least time of the others (it does not get to catch up on the past)."""
+        starts at the least time of the others less the longest cycle among them: it does not catch
+        up on the past, but a short request that arrives beside a long-running wide one runs up to one
+        of the wide one's cycles before that one goes again (forwards cannot be interrupted, so this
+        is what keeps a light request's latency near an idle server's)."""
         for k in [k for k, d in self._decoders.items() if not d.running]:
             del self._decoders[k]  # an idle decoder holds no rows; a new one is cheap
             self._spent.pop(k, None)
+            self._last_cycle.pop(k, None)
         live = list(self._decoders)
         if not live:
             return
         floor = min((self._spent[k] for k in live if k in self._spent), default=0.0)
+        credit = max(self._last_cycle.values(), default=0.0)
         for k in live:
-            self._spent.setdefault(k, floor)
+            self._spent.setdefault(k, floor - credit)
         key = min(live, key=lambda k: self._spent[k])
         dec = self._decoders[key]
         jobs = [j for j in self._running.values() if j.key == key]
@@ -380,7 +386,8 @@ class Engine:
         try:
             self.metrics.batch.observe(len(dec.running), mode=key[0])
             steps = dec.cycle()
-            self._spent[key] += time.perf_counter() - t0
+            self._last_cycle[key] = time.perf_counter() - t0
+            self._spent[key] += self._last_cycle[key]
             self.cycles += 1
             self._count(key, steps)
             self._deliver(jobs)

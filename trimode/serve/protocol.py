@@ -10,6 +10,7 @@ stay open forever, each holding a file descriptor, and at `limit_concurrency` ev
   response, the next request's line and headers must arrive within `header_timeout` seconds; then the
   connection is closed (a client that never sent a byte gets nothing; one that sent part of a request
   gets `408` with `Connection: close`).
+- **JSON protocol errors**: a request h11 cannot parse gets an OpenAI-shaped 400, not plain text.
 - **eviction at the cap**: when a connection arrives and `max_connections` are open, the connection
   that has been idle longest (no request in progress: never sent one, between keep-alive requests, or
   still sending headers) is closed to make room. Connections with a request in progress are never
@@ -64,6 +65,18 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
             super().on_response_complete()
             self._idle_since = time.monotonic()
             self._got_bytes = False
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn answers a request h11 cannot parse (bad request line, oversized or malformed
+            headers) with a plain-text 400; ours is OpenAI-shaped like every other error."""
+            if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                self.transport.close()
+                return
+            body = (b'{"error":{"message":"%s","type":"invalid_request_error","param":null,'
+                    b'"code":"bad_http_request"}}' % msg.replace('"', "'").encode("ascii", "replace"))
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
 
         def busy(self) -> bool:
             """A request is in progress (its headers arrived; its response is not complete)."""

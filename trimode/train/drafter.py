@@ -19,7 +19,14 @@ drafter should predict the model's own AR greedy continuation. Recipe:
    distribution being the clean stream of the same forward (base weights: the adapter is off there
    and clean tokens never see block tokens). NLD reportedly uses lambda_L = 1, lambda_K = 0.5;
 5. save the adapter in PEFT format where `load_model` finds it: `DIR/adapters/draft/` for a native
-   checkpoint, `DIR/linear_spec_lora/` for an NLD one (or `--out`).
+   checkpoint, `DIR/linear_spec_lora/` for an NLD one (or `--out`). A model inside the installed
+   package (`--model bundled`) is never written to by default: the adapter goes to
+   `$TRIMODE_CACHE/trained/bundled/draft` (cache root as `trimode.models.cache_root`); only an
+   explicit `--out` writes into the package.
+
+The output directory is checked for writability before the model is loaded; SIGTERM / Ctrl-C stop
+training after the current step with the adapter and trainer state written (exit 0), and running the
+same command again resumes bit-identically.
 
 The verifier never sees the adapter, so greedy output stays identical to AR whatever it learns.
 """
@@ -37,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .._io import load_state
+from .._io import check_writable_dir, load_state, os_error_message
 from .distill import TRAIN_SOURCES, Sequences, ar_continuations, sample_anchors, train_prompts
 from .draft_objective import DRAFT, drafter_loss
 
@@ -124,10 +131,32 @@ def default_rank(hidden: int) -> int:
     return int(max(4, min(128, hidden // 16)))
 
 
+PACKAGE = Path(__file__).resolve().parents[1]  # the installed trimode package
+
+
+def package_model_output(model_dir: Path, leaf: str) -> Path | None:
+    """For a model shipped inside the installed package (e.g. `bundled`): the user directory that
+    takes what training writes for it by default (`cache_root()/trained/<model>/<leaf>`), so a
+    default run never changes the package (and with it later `demo` / `serve` runs). None for any
+    other model directory."""
+    from ..models import cache_root
+
+    try:
+        rel = model_dir.resolve().relative_to(PACKAGE)
+    except ValueError:
+        return None
+    name = rel.relative_to("assets") if rel.parts[:1] == ("assets",) else rel
+    return cache_root() / "trained" / name / leaf
+
+
 def default_out(model_dir: Path) -> Path:
-    """Where load_model(model_dir) finds a "draft" adapter."""
+    """Where load_model(model_dir) finds a "draft" adapter; for a model inside the package, a user
+    directory instead (`package_model_output`)."""
     from ..checkpoint import ADAPTERS_DIR, NLD_ADAPTER_DIR
 
+    user = package_model_output(model_dir, DRAFT)
+    if user is not None:
+        return user
     raw = json.loads((model_dir / "config.json").read_text())
     if raw.get("model_type") == "trimode":
         return model_dir / ADAPTERS_DIR / DRAFT
@@ -157,18 +186,21 @@ STATE = "trainer_state.pt"
 
 def fit_drafter(model: torch.nn.Module, seqs: Sequences, cfg: DrafterConfig, *,
                 params: list[torch.nn.Parameter], log=print, state: dict[str, Any] | None = None,
-                checkpoint=None) -> list[dict[str, Any]]:
+                checkpoint=None, stop=None) -> list[dict[str, Any]]:
     """Train `params` (the draft LoRA) on the self-distillation sequences; returns the step log.
 
     state: a dict written earlier through `checkpoint` (every cfg.save_every steps): training goes
     on from its step with the same weights, optimizer moments, data order and random stream, so a
-    resumed run ends bit-identical to an uninterrupted one."""
+    resumed run ends bit-identical to an uninterrupted one.
+    stop: a `loop.StopSignals`; once it holds a signal, training stops before the next step and
+    (with `checkpoint`) writes the state of the last finished one, so the history ends early."""
     N = seqs.tokens.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     history: list[dict[str, Any]] = []
     order = torch.randperm(N, generator=gen).tolist()
     pos, first = 0, 1
+    saved = 0  # the step the last checkpoint holds
     if state is not None:
         with torch.no_grad():
             for p, v in zip(params, state["params"], strict=True):
@@ -177,8 +209,18 @@ def fit_drafter(model: torch.nn.Module, seqs: Sequences, cfg: DrafterConfig, *,
         gen.set_state(state["gen"])
         order, pos, first = list(state["order"]), int(state["pos"]), int(state["step"]) + 1
         history = list(state["history"])
+        saved = first - 1
     t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+
+    def snapshot(step: int) -> dict[str, Any]:
+        return {"step": step, "params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
+                "gen": gen.get_state(), "order": order, "pos": pos, "history": history}
+
     for step in range(first, cfg.steps + 1):
+        if stop is not None and stop.name:  # SIGTERM / Ctrl-C: the previous step is the last one
+            if checkpoint is not None and step - 1 > saved:
+                checkpoint(snapshot(step - 1))
+            break
         lr = cfg.lr * min(1.0, step / max(1, cfg.warmup)) * (0.5 * (1 + math.cos(math.pi * (step - 1) / cfg.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -202,8 +244,8 @@ def fit_drafter(model: torch.nn.Module, seqs: Sequences, cfg: DrafterConfig, *,
                "seconds": time.perf_counter() - t0, **info}
         history.append(rec)
         if checkpoint is not None and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            checkpoint({"step": step, "params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
-                        "gen": gen.get_state(), "order": order, "pos": pos, "history": history})
+            checkpoint(snapshot(step))
+            saved = step
         if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
             log(f"step {step:>5}  loss {rec['loss']:.4f}  ce {info['ce']:.4f}  kl {info['kl']:.4f}  "
                 f"top1 {info['acc1']:.3f}  accepted/block {info['accepted']:.2f}  K {K}  "
@@ -227,6 +269,12 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         raise ValueError("; ".join(bad))
     mdir = resolve_model_dir(cfg.model)
     out = Path(cfg.out) if cfg.out else default_out(mdir)
+    check_writable_dir(out, "adapter output directory")  # before loading, generating or training
+    if cfg.data_cache and not Path(cfg.data_cache).exists():
+        check_writable_dir(Path(cfg.data_cache).parent, "--data-cache directory")
+    if not cfg.out and package_model_output(mdir, DRAFT) is not None:
+        log(f"note: {mdir} is inside the installed package, which a default run never changes: the adapter goes "
+            f"to {out} (choose with --out; --out {mdir / 'adapters' / DRAFT} would make `trimode demo/serve` load it)")
     model = load_model(mdir, dtype=getattr(torch, cfg.dtype))
     tok = load_tokenizer(mdir)
     if tok is None:
@@ -298,7 +346,16 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
             write_adapter(model, DRAFT, tmp)
             torch.save({**st, "settings": settings}, tmp / STATE)
 
-    history = fit_drafter(model, seqs, cfg, params=params, log=log, state=state, checkpoint=checkpoint)
+    from .loop import StopSignals
+
+    with StopSignals() as stop:
+        history = fit_drafter(model, seqs, cfg, params=params, log=log, state=state, checkpoint=checkpoint,
+                              stop=stop)
+    done = history[-1]["step"] if history else 0
+    if stop.name and done < cfg.steps:
+        where = f"the adapter and trainer state of step {done} are in {out}" if done else "nothing was written"
+        log(f"stopped by {stop.name} at step {done}; {where}; run the same command again to resume")
+        return {"out": str(out), "stopped": stop.name, "step": done, "steps": cfg.steps}
     model.eval()
     save_adapter(model, DRAFT, out)  # the finished adapter replaces the last periodic one (and its state)
     meta = {"model": str(mdir), "init_adapter": cfg.init_adapter, "targets": list(targets), "r": rank, "alpha": alpha,
@@ -319,7 +376,9 @@ def _ints(s: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trimode train-drafter", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint dir, a training run dir, or 'bundled'")
-    p.add_argument("--out", default=None, help="adapter dir (default: where load_model finds it)")
+    p.add_argument("--out", default=None, help="adapter dir (default: where load_model finds it, MODEL/adapters/draft; "
+                                               "for --model bundled $TRIMODE_CACHE/trained/bundled/draft, never "
+                                               "inside the package)")
     p.add_argument("--targets", default="o_proj", help="comma-separated linear names (default o_proj)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default hidden/16 in [4, 128])")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 4 * rank)")
@@ -369,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"trimode train-drafter: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed during the run (a full disk, a directory made read-only)
+        print(f"trimode train-drafter: error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k not in ("first", "last")}))
     return 0

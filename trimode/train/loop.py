@@ -8,7 +8,16 @@ dividing (global loss averaging), so the gradient is that of the whole global ba
 Under torchrun (WORLD_SIZE > 1, gloo) `cfg.dist` picks DistributedDataParallel ("ddp") or FSDP2
 ("fsdp2": `fully_shard` on every block and the root, parameters / gradients / AdamW state sharded
 over ranks). Checkpoints are full state dicts either way, so a run can resume under the other mode
-or another world size.
+or another world size. Only rank 0 writes, logs and returns the summary (other ranks get {}).
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) asks the run to stop. The step in progress finishes (under
+torchrun the ranks agree on the step), a checkpoint is written by the same atomic writer as the
+periodic ones, "stopped by SIGTERM at step N; resume with --resume" is logged and `train` returns
+normally (`trimode train` exits 0), so `--resume` continues exactly as an uninterrupted run. A
+second signal acts as usual (Ctrl-C: KeyboardInterrupt, checkpoint, exit 130; SIGTERM: the process ends).
+
+The output directory is checked for writability before any work, and a run that fails while it is
+being set up (bad data, a bad --init, ...) removes the output directory if it created it.
 """
 
 from __future__ import annotations
@@ -17,6 +26,10 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._io import load_state
+from .._io import check_writable_dir, load_state
 from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..model import Transformer, init_weights
@@ -267,15 +280,33 @@ class Run:
                 f.write(json.dumps(rec) + "\n")
 
 
+def warmup_warning(cfg: TrainConfig) -> str | None:
+    """The warning for a warm-up that fills the whole run (the peak lr and the decay are never reached)."""
+    if cfg.warmup_steps < cfg.steps:
+        return None
+    return (f"warning: warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate stays in its linear "
+            f"warm-up for the whole run (it ends at {lr_at(cfg.steps - 1, cfg):.3g}, never the peak lr {cfg.lr:g}, "
+            f"and the {cfg.schedule} schedule never runs); lower --warmup_steps or raise --steps")
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (what `mkdir(parents=True)` creates)."""
+    missing = None
+    p = path
+    while not p.exists() and p.parent != p:
+        missing, p = p, p.parent
+    return missing
+
+
 def setup(cfg: TrainConfig, *, log=print) -> Run:
     """Process group, dataset, model (fresh, --init, or the latest checkpoint on --resume), wrapping,
-    optimizer and schedule."""
+    optimizer and schedule. The output directory is checked for writability first; if this call
+    creates it and then fails (bad data, bad --init, ...), it removes it again."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
-    fsdp = distributed and cfg.dist == "fsdp2"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     per_step = world * cfg.micro_batch_size
@@ -284,6 +315,40 @@ def setup(cfg: TrainConfig, *, log=print) -> Run:
             f"batch_size {cfg.batch_size} must be a multiple of world_size x micro_batch_size = {per_step}"
         )
     out = Path(cfg.out_dir)
+    created = None
+    if rank == 0:
+        check_writable_dir(out, "output directory")  # before the dataset, the tokenizer or the model
+        if (w := warmup_warning(cfg)) is not None:
+            print(w, file=sys.stderr, flush=True)
+        created = _first_missing(out)
+    try:
+        return _setup(cfg, log=log, world=world, rank=rank, out=out)
+    except BaseException:
+        if created is not None:  # nothing of the user's is in there: this call made it
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _check_run_tokenizer(tok_dir: Path, model: Transformer) -> None:
+    """The tokenizer every checkpoint gets a copy of must load and fit the model: refuse now, not at the
+    first save (or worse, copy a damaged file on)."""
+    from ..tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tok_dir)
+        if tok is None:
+            raise ValueError(f"no tokenizer.json in {tok_dir}")
+        tok.check_model(model.config)
+    except ValueError as e:
+        raise ValueError(f"the run's tokenizer {tok_dir} is unusable, refusing to copy it into checkpoints: {e} "
+                         "(restore it, e.g. from a checkpoint of this run: its tokenizer files are a copy, or "
+                         "start a new run)") from None
+
+
+def _setup(cfg: TrainConfig, *, log, world: int, rank: int, out: Path) -> Run:
+    distributed = world > 1
+    fsdp = distributed and cfg.dist == "fsdp2"
+    per_step = world * cfg.micro_batch_size
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume and C.checkpoint_root(out).joinpath(C.LATEST).exists():
@@ -295,6 +360,7 @@ def setup(cfg: TrainConfig, *, log=print) -> Run:
     if rank != 0:
         ds = build_dataset(cfg, log=log)
     model = build_model(cfg, ds)
+    _check_run_tokenizer(ds.tokenizer_dir, model)
     start, st = _resume(cfg, model, out, rank, log) if cfg.resume else (0, None)
     if st is None and rank == 0 and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
@@ -450,9 +516,70 @@ def evaluate_logged(run: Run, step: int, say=None) -> dict[str, float]:
     return ev if run.rank == 0 else {}
 
 
+class StopSignals:
+    """SIGTERM and SIGINT as a request to stop at the next step boundary (a context manager).
+
+    Inside it, the first of these signals only records its name in `.name` (and, with `announce`,
+    says so on stderr); the training loop finishes its step, writes a checkpoint and returns. The
+    previous handlers are put back at once, so a second signal acts as it would without this (Ctrl-C:
+    KeyboardInterrupt; SIGTERM: the process ends), and on exit. Outside the main thread (where signal
+    handlers cannot be set) it does nothing."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self, *, announce: bool = True) -> None:
+        self.name: str | None = None
+        self.announce = announce
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for n in self.SIGNALS:
+                sig = getattr(signal, n, None)
+                if sig is not None:
+                    with contextlib.suppress(ValueError, OSError):
+                        self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.name = signal.Signals(signum).name
+        self._restore()
+        if self.announce:  # os.write: print() from a handler can re-enter a buffered write
+            with contextlib.suppress(OSError):
+                os.write(2, f"{self.name}: stopping after the current step (send it again to stop at once)\n"
+                         .encode())
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+def _agreed_stop(run: Run, stop: StopSignals) -> str | None:
+    """The signal that stops the run here, agreed by every rank (a signal may reach the ranks at
+    different steps: they all stop at the first step boundary after any of them got it)."""
+    if not run.distributed:
+        return stop.name
+    code = torch.tensor([int(signal.Signals[stop.name]) if stop.name else 0])
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    return signal.Signals(int(code)).name if int(code) else None
+
+
 def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the last logged record plus the final evaluation."""
+    """Run (or resume) a training run; returns the last logged record plus the final evaluation (on
+    rank 0; other ranks get {}). SIGTERM / SIGINT stop it at the next step boundary with a
+    checkpoint; the record then has "stopped": the signal's name."""
     run = setup(cfg, log=log)
+    with StopSignals(announce=run.rank == 0) as stop:
+        return _train(run, stop)
+
+
+def _train(run: Run, stop: StopSignals) -> dict[str, Any]:
+    cfg, log = run.cfg, run.log
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     bar = None
     if run.rank == 0 and cfg.progress:
@@ -466,8 +593,12 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     elif run.distributed:
         dist.barrier()
     t_last, tok_since = time.perf_counter(), 0
+    stopped, saved = None, None
     try:
         while step < end:
+            stopped = _agreed_stop(run, stop)
+            if stopped is not None:
+                break
             rec = train_step(run, step)
             step += 1
             tok_since += cfg.batch_size * cfg.seq_len
@@ -486,6 +617,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
                 last.update(evaluate_logged(run, step, say=bar.write if bar is not None else (lambda _: None)))
             if step % cfg.save_every == 0 and step < end:
                 save(run, step)
+                saved = step
     except KeyboardInterrupt:
         if run.rank == 0:
             log(f"interrupted at step {step}; writing a checkpoint")
@@ -494,7 +626,13 @@ def train(cfg: TrainConfig, *, log=print) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
-    save(run, step)
+    if saved != step:  # the exit checkpoint (a periodic save of this very step already is one)
+        save(run, step)
+    if stopped is not None:
+        if run.rank == 0:
+            ck = C.checkpoint_root(run.out) / f"step_{step:08d}"
+            log(f"stopped by {stopped} at step {step}; resume with --resume (checkpoint {ck})")
+        last = {**last, "stopped": stopped} if last.get("step") == step else {"step": step, "stopped": stopped}
     if run.distributed:
         dist.destroy_process_group()
-    return last
+    return last if run.rank == 0 else {}

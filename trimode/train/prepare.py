@@ -41,13 +41,15 @@ def _fingerprint(cfg: TrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_tok(directory: Path):
-    from tokenizers import Tokenizer
+def _load_tok(directory: Path, what: str):
+    """The tokenizer in `directory`, read the way checkpoints read it (`trimode.tokenizer.Tokenizer`:
+    tokenizer.json and its side files), so a damaged file is refused here, never copied on."""
+    from ..tokenizer import Tokenizer
 
-    path = directory / "tokenizer.json"
-    if not path.exists():
-        raise ValueError(f"no tokenizer.json in {str(directory)!r}")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_dir(directory).backend
+    except ValueError as e:
+        raise ValueError(f"{what} {str(directory)!r} is unusable: {e}") from None
 
 
 def build_dataset(cfg: TrainConfig, *, log=print) -> Dataset:
@@ -80,9 +82,9 @@ def build_dataset(cfg: TrainConfig, *, log=print) -> Dataset:
     src_tok = Path(cfg.tokenizer) if cfg.tokenizer else (Path(cfg.init) if cfg.init else None)
     tok_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume and (tok_dir / "tokenizer.json").exists():  # never retrain the tokenizer of a run
-        tok = _load_tok(tok_dir)
+        tok = _load_tok(tok_dir, "the run's tokenizer")
     elif src_tok is not None:
-        tok = _load_tok(src_tok)
+        tok = _load_tok(src_tok, "the tokenizer" if cfg.tokenizer else "the --init tokenizer")  # before copying
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (src_tok / name).exists():
                 shutil.copyfile(src_tok / name, tok_dir / name)

@@ -15,7 +15,10 @@
 2. Two scorers trained with binary cross-entropy on the still-masked slots: a per-slot MLP and a
    small bidirectional transformer over the block.
 3. Saved beside the checkpoint: DIR/sampler/{mlp,transformer}/ (or --out); `trimode generate
-   --mode diffusion --policy learned` and `trimode.decode.learned.LearnedPolicy` use them.
+   --mode diffusion --policy learned` and `trimode.decode.learned.LearnedPolicy` use them. A model
+   inside the installed package (`--model bundled`) is never written to by default: the samplers go
+   to `$TRIMODE_CACHE/trained/bundled/sampler` (pass it as `generate --sampler`); only an explicit
+   `--out` writes into the package. The output directory is checked for writability up front.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._io import load_state
+from .._io import check_writable_dir, load_state, os_error_message
 from ..decode.learned import FEATURES, KINDS, Sampler, build_scorer, slot_features
 from ..decode.policies import PolicyContext
 
@@ -331,7 +334,9 @@ def auc(score: torch.Tensor, label: torch.Tensor) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trimode train-sampler", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint dir, a training run dir, or 'bundled'")
-    p.add_argument("--out", default=None, help="output dir (default DIR/sampler); gets mlp/ and transformer/")
+    p.add_argument("--out", default=None, help="output dir (default MODEL/sampler; for --model bundled "
+                                               "$TRIMODE_CACHE/trained/bundled/sampler, never inside the "
+                                               "package); gets mlp/ and transformer/")
     p.add_argument("--prompts", nargs="*", default=[], help="prompt data (as train-drafter)")
     p.add_argument("--n-prompts", type=int, default=96)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..checkpoint import load_model
     from ..tokenizer import load_tokenizer
     from .distill import train_prompts
-    from .drafter import resolve_model_dir
+    from .drafter import package_model_output, resolve_model_dir
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
 
@@ -367,7 +372,14 @@ def main(argv: list[str] | None = None) -> int:
             if k not in KINDS:
                 raise ValueError(f"unknown sampler kind {k!r}; choose from {', '.join(KINDS)}")
         mdir = resolve_model_dir(args.model)
-        out = Path(args.out) if args.out else mdir / "sampler"
+        user = package_model_output(mdir, "sampler")
+        out = Path(args.out) if args.out else (user or mdir / "sampler")
+        check_writable_dir(out, "sampler output directory")  # before any trajectory is collected
+        if args.data_cache and not Path(args.data_cache).exists():
+            check_writable_dir(Path(args.data_cache).parent, "--data-cache directory")
+        if not args.out and user is not None:
+            log(f"note: {mdir} is inside the installed package, which a default run never changes: the samplers go "
+                f"to {out} (use them with `trimode generate --policy learned --sampler {out}`; choose with --out)")
         model = load_model(mdir, dtype=torch.float32)
         tok = load_tokenizer(mdir)
         if tok is None:
@@ -412,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"trimode train-sampler: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed during the run (a full disk, a directory made read-only)
+        print(f"trimode train-sampler: error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(res))
     return 0
