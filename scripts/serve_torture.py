@@ -300,7 +300,8 @@ async def fairness(url: str, n: int = 60) -> dict:
         await task
     ratio = p99(busy) / p99(idle)
     return {"light_requests": n, "p99_idle_s": round(p99(idle), 4), "p99_beside_heavy_s": round(p99(busy), 4),
-            "median_idle_s": round(statistics.median(idle), 4), "median_beside_heavy_s": round(statistics.median(busy), 4),
+            "median_idle_s": round(statistics.median(idle), 4),
+            "median_beside_heavy_s": round(statistics.median(busy), 4),
             "ratio": round(ratio, 2), "heavy_block_len": k, "heavy_tokens_per_forward": k * (k + 1),
             "heavy_still_running_at_end": heavy_running, "pass": ratio <= 3.0}
 

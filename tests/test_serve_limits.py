@@ -66,7 +66,7 @@ def read_all(s: socket.socket) -> bytes:
     while True:
         try:
             chunk = s.recv(4096)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             return data
         if not chunk:
             return data

@@ -206,7 +206,8 @@ def build(args: argparse.Namespace):
         block_lens=block_lens, default_threshold=args.threshold, default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
         max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-        body_timeout=args.body_timeout, api_key=(args.api_key if args.api_key is not None else os.environ.get("TRIMODE_API_KEY")) or None,
+        body_timeout=args.body_timeout,
+        api_key=(args.api_key if args.api_key is not None else os.environ.get("TRIMODE_API_KEY")) or None,
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts.split(",")))
     if args.mode not in ("ar", "auto") and not settings.has_mask:
         raise ValueError(f"--mode {args.mode} needs a mask token, which this model has not")
