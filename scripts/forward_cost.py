@@ -1,6 +1,9 @@
 """What a T-token forward costs against a 1-token one, on this machine, with our Transformer + KVCache.
 
-    python scripts/forward_cost.py [--model smollm2] [--dtypes float32,bfloat16] [--context 128]
+    python scripts/forward_cost.py [--model smollm2] [--dtypes float32,bfloat16,int8,int4] [--context 128]
+
+A "dtype" of int8 / int4 is the model loaded with that weight-only quantization (trimode.quant) over
+float32 activations.
 
 Speculation pays only where a forward of a block costs little more than one of a token (the model is
 memory-bound). Prints, per dtype, the fastest of 3 rounds x 3 calls of each width, and the ratio to T=1.
@@ -33,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, {args.threads} thread(s), {args.context} tokens cached, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     for name in args.dtypes.split(","):
-        m = load_model(path, dtype=parse_dtype(name)).eval()
+        if name in ("int8", "int4"):
+            m = load_model(path, dtype=torch.float32, quantize=name).eval()
+        else:
+            m = load_model(path, dtype=parse_dtype(name)).eval()
         cache = m.new_cache(1, args.context + max(widths) + 1)
         P = args.context
         res: dict[int, float] = {}

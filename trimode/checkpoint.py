@@ -18,6 +18,7 @@ every problem is a ValueError naming the tensor and file. `save_model` writes th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -171,16 +172,21 @@ def resolve_dtype(
 # -- loading ----------------------------------------------------------------------------------
 def load_model(
     path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-    check_finite: bool = True,
+    check_finite: bool = True, quantize: str | None = None,
 ) -> Transformer:
     """Load a native, NLD, Ministral3, Mistral or Llama checkpoint directory (see module docstring).
 
     dtype: None keeps the stored dtype (float16 becomes float32 on CPU); otherwise weights are cast.
     check_finite: reject weights holding NaN or inf (one pass over the data as it loads).
     Adapters found in the directory are attached (native: by name; NLD: as "draft").
+    quantize: "int8" | "int4" weight-only quantization of the base weights (trimode.quant; CPU); a
+    model converted from a GGUF (CONVERTED_FROM.json) takes its int4 codes from the GGUF's Q4_1 blocks.
     """
     path = Path(path)
     device = torch.device(device)
+    from .quant import check_scheme
+
+    quantize = check_scheme(quantize, device)  # a bad scheme / device fails before anything is read
     config, raw = read_config(path)
     entries = weight_entries(path)
     native = raw.get("model_type") == "trimode"
@@ -237,7 +243,21 @@ def load_model(
     from .models import read_decoding
 
     model.decoding = read_decoding(path)  # measured decoding defaults (best block length per mode)
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize, gguf=_converted_from(path))
     return model.eval()
+
+
+def _converted_from(path: Path) -> Path | None:
+    """The GGUF file a `trimode convert` directory was made from, when it is still there."""
+    f = path / "CONVERTED_FROM.json"
+    try:
+        g = Path(json.loads(f.read_text())["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return g if g.is_file() else None
 
 
 # -- saving -----------------------------------------------------------------------------------
@@ -272,6 +292,9 @@ def write_model(model: Transformer, directory: str | Path, *, tokenizer: Tokeniz
     """The native layout, written into `directory` (the one writer of it; `save_model` makes it atomic):
     config.json (ModelConfig.to_dict) + model.safetensors (base weights, or `state`: see base_state) +
     adapters/<name>/ (PEFT) for every adapter, + the tokenizer's files when `tokenizer` is given."""
+    if getattr(model, "quantization", None):
+        raise ValueError("cannot save a quantized model: quantization happens at load time "
+                         "(load_model(..., quantize=...)); save the unquantized one")
     _check_tokenizer(model, tokenizer)
     names = sorted(peft.adapter_names(model))
     for name in names:

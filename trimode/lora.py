@@ -48,6 +48,16 @@ class AdaptableLinear(nn.Module):
         # Inference only: weight + scale * B A per adapter (`merge`), used when the adapter acts on
         # every token of a call; dropped when the adapter is replaced.
         self.merged: dict[str, torch.Tensor] = {}
+        # Inference only: a packed low-bit copy of `weight` (trimode.quant) used instead of it.
+        self.quantized: nn.Module | None = None
+
+    def set_quantized(self, q: nn.Module) -> None:
+        """Use the quantized weight `q` (a module mapping x to x W^T) instead of `weight`, which is dropped
+        (replaced by an empty placeholder of its dtype, so `.weight.dtype` still answers)."""
+        self.quantized = q
+        self.merged.clear()
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device),
+                                   requires_grad=False)
 
     def forward(
         self, x: torch.Tensor, adapter: str | None = None, gate: torch.Tensor | None = None
@@ -56,7 +66,7 @@ class AdaptableLinear(nn.Module):
         so one fused forward can run drafted tokens with the adapter and verified tokens without."""
         if adapter is not None and gate is None and adapter in self.merged:
             return F.linear(x, self.merged[adapter])
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
         if adapter is not None and adapter in self.adapters:
             delta = self.adapters[adapter](x)
             y = y + (delta if gate is None else delta * gate)
@@ -65,6 +75,8 @@ class AdaptableLinear(nn.Module):
     def merge(self, name: str) -> None:
         """Precompute weight + scale * B A for adapter `name` (inference: one matmul instead of three
         per call where the adapter acts on every token; costs one more weight matrix of memory)."""
+        if self.quantized is not None:  # a merged copy would be a full-precision weight again
+            raise ValueError("cannot merge an adapter into a quantized weight; it runs on top of it unmerged")
         lora = self.adapters[name]
         dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32  # at least fp32
         with torch.no_grad():

@@ -151,6 +151,9 @@ class Transformer(nn.Module):
         self.rope_attention_factor = attn_factor
         # Measured decoding defaults stored with a checkpoint (decoding.json, `trimode.models`).
         self.decoding: dict = {}
+        # Weight-only quantization (trimode.quant): the scheme, and the packed output head.
+        self.quantization: dict | None = None
+        self.quant_head: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -228,7 +231,7 @@ class Transformer(nn.Module):
     def head(self, h: torch.Tensor, *, adapter: str | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (..., V) of final-normed hidden states h (..., hidden) from `features`."""
         if self.lm_head is None:
-            return F.linear(h, self.embed_tokens.weight)
+            return F.linear(h, self.embed_tokens.weight) if self.quant_head is None else self.quant_head(h)
         return self.lm_head(h, adapter, gate)
 
     def features(

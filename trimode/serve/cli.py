@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt = p.add_argument_group("runtime")
     rt.add_argument("--dtype", default=None,
                     help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
+    from ..cli import QUANTIZE_CHOICES, QUANTIZE_HELP
+
+    rt.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     rt.add_argument("--device", default="cpu", help="torch device of the model")
     rt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     rt.add_argument("--fake-decoder", action="store_true",
@@ -183,7 +186,8 @@ def build(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     from ..models import for_inference
 
-    model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device))
+    model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
+                                     quantize=args.quantize))
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; the server needs one")
