@@ -14,16 +14,31 @@ from trimode.models import for_inference, resolve_model
 from trimode.quant import Int4Weight, Int8Weight, quantize_model
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_each_output_row_is_computed_on_its_own(kind):
-    """A row's result is bit-identical whether it is alone or one of 16 (the AR step vs the verify)."""
+def test_int4_rows_are_computed_on_their_own():
+    """The packed int4 kernel: a row's result is bit-identical whether it is alone or one of 16."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g) * 0.1
-    q = Int8Weight.quantize(w) if kind == "int8" else Int4Weight.quantize(w, 32)
+    q = Int4Weight.quantize(w, 32)
     x = torch.randn(16, 64, generator=g)
     full = q(x)
     assert torch.equal(full, torch.cat([q(x[i:i + 1]) for i in range(16)]))
     assert torch.equal(full[:5], q(x[:5]))
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 64 * 10])  # whole, and 10 rows at a time
+def test_int8_is_the_models_own_gemm_on_dequantized_rows(monkeypatch, chunk):
+    """int8 keeps the unquantized model's numerics: x (q s)^T computed as (x q^T) s by the same GEMM,
+    slab by slab, equal to one GEMM on the whole dequantized weight."""
+    monkeypatch.setattr(Int8Weight, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g) * 0.1
+    q = Int8Weight.quantize(w)
+    x = torch.randn(2, 7, 64, generator=g)
+    whole = torch.nn.functional.linear(x, q.q.float()) * q.scale
+    if chunk >= 96 * 64:
+        assert torch.equal(q(x), whole)
+    else:  # slabs: the same products, GEMMs blocked differently
+        assert torch.allclose(q(x), whole, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.15)])

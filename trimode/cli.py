@@ -340,10 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 QUANTIZE_CHOICES = ["none", "int8", "int4"]
-QUANTIZE_HELP = ("weight-only quantization of the base weights on PyTorch's packed CPU kernels: int8 (per channel) "
-                 "or int4 (groups of 32; a GGUF-converted model keeps its Q4_1 codes). Draft adapters stay in full "
-                 "precision; speculative greedy still equals AR greedy of the same quantized model. "
-                 "See docs/quantization.md (default: none)")
+QUANTIZE_HELP = ("weight-only quantization of the base weights (CPU): int8 (per channel, dequantized slab by slab into "
+                 "the model's own GEMMs: its numerics, speculation exact as unquantized) or int4 (groups of 32 on "
+                 "PyTorch's packed kernel, bf16 activations; a GGUF-converted model keeps its Q4_1 codes). Draft "
+                 "adapters stay in full precision. See docs/quantization.md (default: none)")
 
 
 def describe_quantization(model) -> str:

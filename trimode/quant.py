@@ -4,8 +4,11 @@
 by a packed low-bit copy; activations, norms, attention, the KV cache and any LoRA adapters (the draft
 adapter included) stay in their precision on top of the quantized base.
 
-- **int8**: symmetric, one scale per output channel; `torch._weight_int8pack_mm` (activations in bf16,
-  where the kernel is fast; outputs cast back to the model's dtype).
+- **int8**: symmetric, one scale per output channel. The forward dequantizes a cache-sized slab of
+  rows at a time into the activations' dtype and runs the model's own GEMM (1 byte per weight read
+  from memory; the unquantized model's numerics and multi-token scaling). PyTorch's packed
+  `_weight_int8pack_mm` is faster for one token but wants bf16 activations and gets slower than
+  fp32 GEMMs from a few tokens on (docs/quantization.md), so it is not used.
 - **int4**: asymmetric, one (scale, zero) pair per group of `group_size` (32) input weights;
   `torch._weight_int4pack_mm_for_cpu`, w = (q - 8) * scale + zero, activations, scales and zeros in
   bf16 (its fast path; with fp32 ones it runs ~30x slower). A GGUF's Q4_1 blocks (32 weights,
@@ -16,11 +19,12 @@ adapter included) stay in their precision on top of the quantized base.
   The output head (tied to the embedding, Q8_0 in SmolLM2's GGUF: a scale per 32 weights, which
   int8pack's per-channel layout cannot hold) is re-quantized to int8.
 
-Both kernels compute each row of the output on its own: a row's result does not depend on how many
-other rows share the call (checked bit for bit in the tests). So a quantized model's speculative
-verify pass (k rows) and its AR step (1 row) see identical projections, and speculative greedy stays
-equal to the same quantized model's AR greedy. They are built for one token: their multi-token cost
-grows faster than bf16/fp32 GEMMs' (measured per width in docs/quantization.md), which is the price.
+Exactness: int8 keeps the unquantized model's GEMMs, so speculative greedy equals AR greedy exactly
+where it does for the unquantized model (float32). int4's packed kernel computes each output row on
+its own (bit-identical alone or batched), but it rounds activations to bf16, which turns the last-bit
+differences the attention has between a 1-token and a k-token forward into bf16-sized ones: like bf16
+models, int4 speculation agrees with int4 AR up to numerical near-ties (measured in
+docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SCHEMES = ("int8", "int4")
@@ -51,7 +56,7 @@ class Int8Weight(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("q", q.contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
         self.out_features, self.in_features = q.shape
 
     @classmethod
@@ -64,10 +69,18 @@ class Int8Weight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
 
+    CHUNK = 1 << 22  # weights dequantized at a time (16 MB in fp32: stays in the last-level cache)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.q, self.scale)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        """x W^T with W dequantized on the fly into x's dtype, a cache-sized slab of rows at a time, then
+        the model's own GEMM: reads 1 byte per weight from memory, keeps the unquantized model's numerics
+        (its multi-token cost and its batch behaviour), and scales each output channel afterwards."""
+        rows = max(1, self.CHUNK // self.in_features)
+        scale = self.scale.to(x.dtype)
+        if rows >= self.out_features:
+            return F.linear(x, self.q.to(x.dtype)) * scale
+        return torch.cat([F.linear(x, self.q[i:i + rows].to(x.dtype)) * scale[i:i + rows]
+                          for i in range(0, self.out_features, rows)], dim=-1)
 
 
 class Int4Weight(nn.Module):

@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "../shared/data beside the checkout, else the packaged prompt subset)")
     p.add_argument("--no-sol", action="store_true", help="skip the speed-of-light oracle runs")
     p.add_argument("--no-peers", action="store_true", help="skip transformers generate / prompt lookup")
-    p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the peer")
+    p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens of the peers")
+    p.add_argument("--llama-cpp", default="auto",
+                   help="llama.cpp peers (llama-cpp-python, greedy and prompt lookup) on this GGUF; 'auto': the GGUF "
+                        "the model was converted from, when llama-cpp-python is installed; 'off'")
     p.add_argument("--no-roofline", action="store_true")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed repetitions, interleaved over configurations; each batch's fastest run is kept")
@@ -182,6 +185,7 @@ def load(args: argparse.Namespace):
     from ..tokenizer import load_tokenizer
 
     path = resolve_model(args.model)
+    args.model_path = path
     model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
                                      quantize=args.quantize))
     tok = load_tokenizer(path)
@@ -249,9 +253,22 @@ def run_all(args, model, suites, configs, *, eos_id, peers_on: bool):
             hf_generate(hf, allp[:1], max_new_tokens=4, eos_id=eos_id)  # warm-up
             hf_generate(hf, allp[:1], max_new_tokens=4, eos_id=eos_id, lookup=args.lookup)
     peer_names = [("hf generate", None), (f"hf prompt-lookup {args.lookup}", args.lookup)] if hf is not None else []
+    llamas = []
+    if peers_on:
+        from .llamacpp import LlamaCppPeer, resolve
+
+        gguf, why = resolve(getattr(args, "llama_cpp", "auto"), getattr(args, "model_path", None))
+        peer_info["llama_cpp"] = why
+        if gguf is not None:
+            n_ctx = max(len(p.tokens) for p in allp) + args.max_new_tokens + 16
+            llamas = [LlamaCppPeer(gguf, n_ctx=n_ctx, threads=torch.get_num_threads(), lookup=k)
+                      for k in (None, args.lookup)]
+            for lp in llamas:  # warm-up
+                lp.generate(allp[:1], max_new_tokens=4, eos_id=eos_id)
     R = args.repeats
     done = {cfg.label: [RunResult(cfg) for _ in range(R)] for cfg in configs}
-    peer_runs = {name: [PeerResult(name, 0, 0.0, {}) for _ in range(R)] for name, _ in peer_names}
+    peer_runs = {name: [PeerResult(name, 0, 0.0, {}) for _ in range(R)]
+                 for name in [n for n, _ in peer_names] + [lp.name for lp in llamas]}
     reference: dict[str, list[int]] = {}
     timed = TimedModel(model)
     todo = [(cat, b) for cat, ps in suites.items() for b in batches(ps, args.batch_size)]
@@ -269,11 +286,10 @@ def run_all(args, model, suites, configs, *, eos_id, peers_on: bool):
             for name, lookup in peer_names:  # peers run at batch 1, on the same prompts
                 acc = peer_runs[name][rep]
                 r = hf_generate(hf, batch, max_new_tokens=args.max_new_tokens, eos_id=eos_id, lookup=lookup, name=name)
-                acc.tokens += r.tokens
-                acc.seconds += r.seconds
-                acc.forwards += r.forwards
-                acc.outputs.update(r.outputs)
-                acc.per_prompt.update(r.per_prompt)
+                acc.merge(r)
+            for lp in llamas:  # llama.cpp on the GGUF the model came from, same prompt ids
+                peer_runs[lp.name][rep].merge(lp.generate(batch, max_new_tokens=args.max_new_tokens, eos_id=eos_id,
+                                                          stop=getattr(args, "stop_ids", ())))
             bar.update()
     bar.close()
     best = {label: fastest(rs) for label, rs in done.items()}
@@ -300,6 +316,17 @@ def profile_top(model, prompts, configs, *, max_new_tokens: int, eos_id, top: in
             {"op": e.key, "calls": e.count, "self_cpu_s": e.self_cpu_time_total / 1e6,
              "share": (e.self_cpu_time_total / 1e6) / total if total else None} for e in ev[:top]]}
     return out
+
+
+def _agreement(outputs: dict[str, list[int]], reference: dict[str, list[int]]) -> float:
+    """Share of the reference's tokens a peer reproduced before its first difference, over all prompts."""
+    same = total = 0
+    for s, ref in reference.items():
+        out = outputs.get(s, [])
+        n = min(len(out), len(ref))
+        same += next((i for i in range(n) if out[i] != ref[i]), n)
+        total += len(ref)
+    return same / total if total else 1.0
 
 
 def _fmt(x, spec: str = ".2f", none: str = "-") -> str:
@@ -330,7 +357,10 @@ def print_report(args, out: dict, configs) -> None:
     for name, p in peers.items():
         print(f"{name:<24} {p['tokens']:>6} {p['forwards']:>5} {_fmt(p['tpf']):>5} {'':>7} {'':>6} "
               f"{p['tokens_per_s']:>7.1f} "
-              f"{p['tokens_per_s'] / ar['tokens_per_s']:>6.2f}   identical to our ar: {p['identical_to_ar']:.2f}")
+              f"{p['tokens_per_s'] / ar['tokens_per_s']:>6.2f}   identical to our ar: {p['identical_to_ar']:.2f}, "
+              f"agreement {p.get('agreement_with_ar', 0):.2f}")
+    if "llama_cpp" in out.get("peer_check", {}) and not any(n.startswith("llama.cpp") for n in peers):
+        print(f"llama.cpp peers skipped: {out['peer_check']['llama_cpp']}")
     if "logits_max_abs_diff" in out.get("peer_check", {}):
         print(f"(transformers model built from our weights: max |logits diff| = "
               f"{out['peer_check']['logits_max_abs_diff']:.2e})")
@@ -439,7 +469,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     ar_tps = runs[0]["tokens_per_s"]
     peers = [{"name": n, "tokens": p.tokens, "seconds": p.seconds, "tokens_per_s": p.tokens_per_s,
               "forwards": p.forwards, "tpf": p.tokens / p.forwards if p.forwards else None,
-              "identical_to_ar": sum(p.outputs[s] == reference[s] for s in reference) / len(reference)}
+              "identical_to_ar": sum(p.outputs[s] == reference[s] for s in reference) / len(reference),
+              "agreement_with_ar": _agreement(p.outputs, reference)}
              for n, p in peers_best.items()]
     for r in runs:
         r["vs_ar"] = r["tokens_per_s"] / ar_tps

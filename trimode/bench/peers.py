@@ -87,6 +87,14 @@ class PeerResult:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    def merge(self, other: PeerResult) -> None:
+        """Add another batch's run of the same peer."""
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.forwards += other.forwards
+        self.outputs.update(other.outputs)
+        self.per_prompt.update(other.per_prompt)
+
 
 def _strip(ids: list[int], stop: set[int]) -> list[int]:
     for i, t in enumerate(ids):
