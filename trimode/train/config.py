@@ -62,6 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = True
     threads: int | None = None
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda: the backend, mesh and autocast follow it
     dist: str = "ddp"  # with WORLD_SIZE > 1 (torchrun): ddp (DistributedDataParallel) | fsdp2 (fully_shard)
     # -- objective -----------------------------------------------------------------------------------
     alpha: float = 0.3

@@ -5,7 +5,8 @@ sample index), so a run gives the same losses with 1 or N ranks and after a resu
 global batch into contiguous micro-batches; the loss sums and token counts are all-reduced before
 dividing (global loss averaging), so the gradient is that of the whole global batch.
 
-Under torchrun (WORLD_SIZE > 1, gloo) `cfg.dist` picks DistributedDataParallel ("ddp") or FSDP2
+Under torchrun (WORLD_SIZE > 1; gloo on CPUs, NCCL with one GPU per rank on GPUs: `device`, "auto" by
+default, picks the backend, the FSDP2 mesh and the autocast device) `cfg.dist` picks DistributedDataParallel ("ddp") or FSDP2
 ("fsdp2": `fully_shard` on every block and the root, parameters / gradients / AdamW state sharded
 over ranks). Checkpoints are full state dicts either way, so a run can resume under the other mode
 or another world size. Only rank 0 writes, logs and returns the summary (other ranks get {}).
@@ -131,7 +132,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     )
 
 
-def fsdp2_shard(model: Transformer, world: int) -> Transformer:
+def fsdp2_shard(model: Transformer, world: int, device_type: str = "cpu") -> Transformer:
     """Shard `model` in place with FSDP2 over a 1-D CPU mesh of `world` ranks: each block is its own
     unit (all-gathered for its forward / backward, resharded after), the root holds the embedding,
     the final norm and the head."""
@@ -140,7 +141,7 @@ def fsdp2_shard(model: Transformer, world: int) -> Transformer:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:  # pragma: no cover - torch < 2.6
         raise ValueError(f"dist = 'fsdp2' needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") from None
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device_type, (world,))
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -200,8 +201,45 @@ def load_optimizer_state(
     set_optimizer_state_dict(model, opt, _indexed_to_named(sd, names), options=StateDictOptions(full_state_dict=True))
 
 
-def _autocast(cfg: TrainConfig):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+def train_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    """The device this rank trains on: cfg.device ("auto": CUDA when available), one GPU per rank
+    (LOCAL_RANK) under torchrun."""
+    want = cfg.device
+    if want not in ("auto", "cpu", "cuda") and not want.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {want!r}")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("device = 'cuda' but this torch sees no CUDA device")
+        index = int(want.split(":")[1]) if ":" in want else local_rank
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"rank {local_rank} wants cuda:{index}, but only {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend of a device: NCCL between GPUs, gloo on CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters())
+    return p.device if not hasattr(p, "to_local") else p.to_local().device  # FSDP2: a DTensor's local shard
+
+
+def _all_reduce(t: torch.Tensor, device: torch.device, op=None) -> torch.Tensor:
+    """all_reduce of a small CPU tensor through the backend's device (NCCL reduces GPU tensors only)."""
+    x = t.to(device)
+    dist.all_reduce(x) if op is None else dist.all_reduce(x, op=op)
+    t.copy_(x.cpu())
+    return t
+
+
+def _autocast(cfg: TrainConfig, device: torch.device | None = None):
+    kind = "cpu" if device is None else device.type
+    return torch.autocast(kind, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
 
 
 def micro_losses(
@@ -210,17 +248,23 @@ def micro_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ar_sum, ar_count, diff_sum, diff_count) of one micro-batch."""
     L = x0.shape[1]
+    dev = _device_of(model)
     if not joint:
-        with _autocast(cfg):
-            logits = model(x0, torch.arange(L)[None, :].expand_as(x0))
+        x0, lmask = x0.to(dev), lmask.to(dev)
+        with _autocast(cfg, dev):
+            logits = model(x0, torch.arange(L, device=dev)[None, :].expand_as(x0))
         a_sum, a_n = ar_loss(logits, x0, lmask)
         return a_sum, a_n, a_sum.detach() * 0, torch.zeros((), dtype=torch.long)
+    # Noise is drawn on the CPU (seeded per sample: the same on every device), then moved.
     xt, masked, p, bls = noise_batch(
         x0, lmask, rows, seed=noise_seed, mask_id=mask_id, block_lens=cfg.block_lens, schedule=cfg.noise,
         eps=cfg.eps, half_life_ratio=cfg.half_life_ratio,
     )
     tokens, positions, mask = dual_stream_inputs(xt, x0, bls)
-    with _autocast(cfg):
+    if dev.type != "cpu":
+        x0, lmask, masked, p = x0.to(dev), lmask.to(dev), masked.to(dev), p.to(dev)
+        tokens, positions, mask = tokens.to(dev), positions.to(dev), mask.to(dev)
+    with _autocast(cfg, dev):
         logits = model(tokens, positions, mask=mask)
     noisy, clean = split_dual(logits)
     a_sum, a_n = ar_loss(clean, x0, lmask)
@@ -304,8 +348,11 @@ def setup(cfg: TrainConfig, *, log=print) -> Run:
     creates it and then fails (bad data, bad --init, ...), it removes it again."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
+    device = train_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend_for(device))
     rank = dist.get_rank() if distributed else 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -366,10 +413,13 @@ def _setup(cfg: TrainConfig, *, log, world: int, rank: int, out: Path) -> Run:
         (out / "log.jsonl").unlink()
     names = optimizer_param_names(model)
     n_params = sum(p.numel() for p in model.parameters())  # before FSDP2 shards them
+    device = train_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    model.to(device)
     if fsdp:
-        net = fsdp2_shard(model, world)
+        net = fsdp2_shard(model, world, device_type=device.type)
     elif distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     else:
         net = model
     opt = make_optimizer(model, cfg)
@@ -442,7 +492,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
                 schedule=cfg.noise, eps=cfg.eps, half_life_ratio=cfg.half_life_ratio)
             counts[1] += float(masked[:, 1:].sum() if cfg.dlm_type == "dream" else masked.sum())
     if run.distributed:
-        dist.all_reduce(counts)
+        _all_reduce(counts, _device_of(run.model))
     ar_n, diff_n = counts.clamp_min(1.0).float()
     sums = torch.zeros(2, dtype=torch.float64)
     model.train()
@@ -463,7 +513,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
             loss.backward()
         sums += torch.tensor([float(a_s.detach()), float(d_s.detach())], dtype=torch.float64)
     if run.distributed:
-        dist.all_reduce(sums)
+        _all_reduce(sums, _device_of(run.model))
     # Under FSDP2 the gradients are DTensor shards: clip_grad_norm_ reduces the squared norms
     # over ranks (total norm of the full gradient) and returns a replicated DTensor.
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -493,7 +543,8 @@ def save(run: Run, step: int) -> None:
         except BaseException as e:  # re-raised below, after the other ranks are told
             err = e
     if run.distributed:
-        failed = torch.tensor([0 if err is None else 1])
+        dev = _device_of(run.model)
+        failed = torch.tensor([0 if err is None else 1], device=dev)
         dist.broadcast(failed, 0)
         if failed.item() and run.rank != 0:
             raise C.CheckpointError(f"rank 0 could not write the checkpoint of step {step} (see its error)")
@@ -565,7 +616,7 @@ def _agreed_stop(run: Run, stop: StopSignals) -> str | None:
     if not run.distributed:
         return stop.name
     code = torch.tensor([int(signal.Signals[stop.name]) if stop.name else 0])
-    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    _all_reduce(code, _device_of(run.model), op=dist.ReduceOp.MAX)
     return signal.Signals(int(code)).name if int(code) else None
 
 
