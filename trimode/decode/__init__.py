@@ -77,6 +77,8 @@ def prepare(
     acceptance: str = "auto",
     tree_nodes: int | None = None,
     tree_branch: int = 3,
+    max_thinking_tokens: int | Sequence[int | None] | None = None,
+    think_ids: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> tuple[Mode, DecodeConfig, list[Row]]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
@@ -102,8 +104,30 @@ def prepare(
     eos = eos_id if eos_id is not None else model.config.eos_token_id
     stop_ids = set(stop or ()) | ({eos} if eos is not None else set())
     rows = make_rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling)
+    _thinking(rows, max_thinking_tokens, think_ids, max_new_tokens)
     validate_rows(model, rows, needs_mask=REGISTRY[m].needs_mask)
     return m, cfg, rows
+
+
+def _thinking(rows: list[Row], budget, think_ids, max_new_tokens: int) -> None:
+    """Give each row its thinking budget (decode/thinking.py): one int for all, or one per prompt (None:
+    no budget for that one). think_ids: (ids of <think>, ids of </think>), e.g. from
+    `Tokenizer.think_ids()`."""
+    if budget is None:
+        return
+    from .thinking import ThinkState
+
+    per = list(budget) if isinstance(budget, Sequence) else [budget] * len(rows)
+    if len(per) != len(rows):
+        raise ValueError(f"max_thinking_tokens: one budget per prompt ({len(rows)}) or one for all, got {len(per)}")
+    if think_ids is None or len(think_ids) != 2:
+        raise ValueError("max_thinking_tokens needs think_ids=(ids of <think>, ids of </think>)")
+    for r, b in zip(rows, per):
+        if b is None:
+            continue
+        if isinstance(b, int) and not isinstance(b, bool) and b > max_new_tokens:
+            raise ValueError(f"max_thinking_tokens {b} exceeds max_new_tokens {max_new_tokens}")
+        r.think = ThinkState.for_prompt(r.prompt, b, think_ids[0], think_ids[1])
 
 
 def _sampling(

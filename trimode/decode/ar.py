@@ -30,6 +30,7 @@ class ARDecoder(Decoder):
 
     def _prefill(self, rows: list[Row], cache: KVCache) -> tuple[list[Step], ARState]:
         newest, _, _ = prefill(self, rows, cache, self.sampler(rows))
+        newest = self.force(newest[:, None], rows=rows)[0][:, 0]
         return [self.finish(PREFILL, newest[:, None], rows=rows)], ARState(newest)
 
     def _cycle(self) -> list[Step]:
@@ -40,5 +41,6 @@ class ARDecoder(Decoder):
         self.cache.commit(1)
         u = sampler.uniforms(self.starts(), 1)[:, 0, U_SAMPLE]
         newest, _ = sampler.choose(exclude_mask(logits[:, -1], self.c.mask_token_id), u)  # argmax if all greedy
+        newest = self.force(newest[:, None])[0][:, 0]
         self.state = ARState(newest)
         return [self.finish(AR_STEP, newest[:, None])]

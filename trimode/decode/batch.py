@@ -291,6 +291,30 @@ class Decoder:
             raise ValueError(f"draft_override returned shape {tuple(out.shape)}, expected {tuple(drafts.shape)}")
         return out.to(drafts.device, drafts.dtype)
 
+    def force(self, tokens: torch.Tensor, n: torch.Tensor | None = None, *,
+              rows: Sequence[Row] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the rows' thinking budgets (decode/thinking.py) to the tokens a forward chose,
+        tokens[b, :n[b]] for row b: returns (tokens, n), unchanged or with a row's batch cut at the
+        token its budget forces (that token replaced). Callers emit, commit and carry on from these."""
+        rows = self.running if rows is None else rows
+        if n is None:
+            n = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        if not any(r.think is not None for r in rows):
+            return tokens, n
+        toks, lens, changed = tokens.tolist(), n.tolist(), False
+        for i, r in enumerate(rows):
+            if r.think is None or r.done or lens[i] < 1:
+                continue
+            mine = toks[i][: lens[i]]
+            new = r.think.plan(mine)
+            if new != mine:
+                toks[i][: len(new)] = new
+                lens[i], changed = len(new), True
+        if not changed:
+            return tokens, n
+        return (torch.tensor(toks, dtype=tokens.dtype, device=tokens.device),
+                torch.tensor(lens, dtype=n.dtype, device=n.device))
+
     def finish(self, kind: str, tokens: torch.Tensor | None = None, n: torch.Tensor | None = None, *,
                rows: Sequence[Row] | None = None, only: torch.Tensor | None = None,
                accepted: torch.Tensor | None = None) -> Step:

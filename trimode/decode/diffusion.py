@@ -79,6 +79,10 @@ class DiffusionDecoder(Decoder):
         credit[:, 0] = self.state.seed_credit
         positions = self.positions(torch.arange(K, device=dev))
         steps = self._denoise(canvas, credit, Kb, positions)
+        # A thinking budget may cut a row's block at a forced token; the commit forward then writes
+        # only the kept prefix and predicts the next seed after it.
+        forced, Kb = self.force(canvas, Kb)
+        canvas[:, :] = forced
         # The block's tokens are handed out without a forward (they were finalised by the denoising
         # forwards credited above); the commit forward below only involves rows still decoding.
         out = [None if r.done else r.emit(canvas[i, : int(Kb[i])].tolist(), credit=credit[i, : int(Kb[i])].tolist())

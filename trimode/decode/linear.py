@@ -50,6 +50,7 @@ def speculative_prefill(dec: Decoder, rows: list[Row], cache: KVCache) -> tuple[
     k = dec.cfg.block_len
     sampler = dec.sampler(rows)
     newest, drafts, q = prefill(dec, rows, cache, sampler, draft_len=k if k > 1 else 0)
+    newest = dec.force(newest[:, None], rows=rows)[0][:, 0]  # (drafts after a forced token are verified anyway)
     if drafts is None:
         drafts = torch.zeros(len(rows), max(k - 1, 0), dtype=torch.long, device=dec.dev)
     return dec.finish(PREFILL, newest[:, None], rows=rows), newest, drafts, q
@@ -101,9 +102,10 @@ class LinearDecoder(Decoder):
         res = sampler.verify(drafts, exclude_mask(logits, self.c.mask_token_id),
                              sampler.uniforms(self.starts(), K), q)
         n = res.accepted + 1  # tokens emitted: the accepted drafts, then the bonus / recovered token
-        steps.append(self.finish(VERIFY, res.tokens, n, accepted=n))
+        tokens, n = self.force(res.tokens, n)  # a thinking budget may cut the run at a forced token
+        steps.append(self.finish(VERIFY, tokens, n, accepted=n))
         self.cache.commit(self.only_active(n))  # a row that just finished may have accepted past its budget
-        self.state = LinearState(res.tokens.gather(1, res.accepted[:, None]).squeeze(1), s.drafts,
+        self.state = LinearState(tokens.gather(1, (n - 1)[:, None]).squeeze(1), s.drafts,
                                  torch.zeros_like(s.has_draft))
         return steps
 
@@ -128,9 +130,10 @@ class LinearDecoder(Decoder):
         width = max(len(p) for p in paths)
         keep = torch.tensor([p + [p[-1]] * (width - len(p)) for p in paths], device=dev)  # (B, width) slots
         n = accepted + 1
-        steps.append(self.finish(VERIFY, pred.gather(1, keep), n, accepted=n))
+        tokens, n = self.force(pred.gather(1, keep), n)
+        steps.append(self.finish(VERIFY, tokens, n, accepted=n))
         self.cache.compact(keep, self.only_active(n))
-        last = keep.gather(1, accepted[:, None])
-        self.state = LinearState(pred.gather(1, last).squeeze(1), s.drafts, torch.zeros_like(s.has_draft))
+        self.state = LinearState(tokens.gather(1, (n - 1)[:, None]).squeeze(1), s.drafts,
+                                 torch.zeros_like(s.has_draft))
         return steps
 

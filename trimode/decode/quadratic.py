@@ -76,13 +76,14 @@ class QuadraticDecoder(Decoder):
             logits = exclude_mask(self.model.head(hs, adapter=self.adapter, gate=gs), c.mask_token_id)
             u_d = u[..., U_DRAFT].gather(1, n[:, None] + torch.arange(K - 1, device=dev)[None, :])
             nxt_drafts, nxt_q = sampler.choose(logits, u_d, want_probs=sampler.any_rejection)
-        step = self.finish(QUADRATIC, res.tokens, n, accepted=n)
+        tokens, n = self.force(res.tokens, n)  # a thinking budget may cut the run at a forced token
+        step = self.finish(QUADRATIC, tokens, n, accepted=n)
         self.cache.compact(heads.expand(B, K), self.only_active(n))  # only rows still decoding keep heads
         # Keep the drafts k - 1 wide (rows joining later carry k - 1): the padding is accepted only
         # if it happens to be right, and acceptance is checked anyway.
         pad = (k - 1) - (K - 1)
         self.state = LinearState(
-            res.tokens.gather(1, res.accepted[:, None]).squeeze(1),
+            tokens.gather(1, (n - 1)[:, None]).squeeze(1),
             torch.cat([nxt_drafts, nxt_drafts.new_zeros(B, pad)], dim=1), s.has_draft,
             None if nxt_q is None else torch.cat([nxt_q, nxt_q.new_zeros(B, pad, nxt_q.shape[-1])], dim=1))
         return [step]

@@ -70,6 +70,8 @@ class Row:
         self.done = False
         self.finish_reason: str | None = None
         self.trace: list[list] = []
+        # The thinking budget (decode/thinking.py), or None.
+        self.think = None
 
     def __repr__(self) -> str:
         return f"Row(index={self.index}, prompt={len(self.prompt)} tokens, new={len(self.tokens)}, done={self.done})"
@@ -98,6 +100,8 @@ class Row:
                 break
             kept.append(t)
             self.tokens.append(t)
+            if self.think is not None:
+                self.think.advance(t)
             self.trace[credit[i] if credit is not None else -1][1] += 1
             if len(self.tokens) >= self.max_new_tokens:
                 self.done, self.finish_reason = True, "length"
