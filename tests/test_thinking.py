@@ -110,3 +110,43 @@ def test_bad_budgets_are_value_errors(setup, kw, match):
         kw = {**kw, "think_ids": (OPEN, close)}
     with pytest.raises(ValueError, match=match):
         generate(model, prompts[:1], mode="ar", max_new_tokens=N, **kw)
+
+
+def test_the_server_applies_a_thinking_budget_in_every_mode():
+    """Through HTTP on the bundled model: /v1/completions with max_thinking_tokens puts the </think>
+    pieces right after the budget's tokens, in every mode, streamed or not; bad budgets are 400s."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from trimode.checkpoint import load_model
+    from trimode.models import resolve_model
+    from trimode.serve.app import ServerSettings, create_app
+    from trimode.serve.engine import Engine, EngineConfig
+    from trimode.tokenizer import load_tokenizer
+
+    path = resolve_model("bundled")
+    model, tok = load_model(path), load_tokenizer(path)
+    close = tok.think_ids()[1]
+    prompt = "Q: why?\n<think>"
+    eng = Engine(model, tok, EngineConfig())
+    app = create_app(eng, tok, ServerSettings(model_name="bundled", context=model.config.max_seq_len,
+                                              vocab_size=model.config.vocab_size, default_block_len=4))
+    with TestClient(app) as c:
+        free = generate(model, [tok.encode(prompt)], mode="ar", max_new_tokens=3, eos_id=tok.eos_id)[0].tokens
+        want = tok.decode(free + close)
+        for mode in ("ar", "linear", "quadratic", "diffusion"):
+            body = {"prompt": prompt, "max_tokens": 16, "max_thinking_tokens": 3,
+                    "decoding": {"mode": mode, "block_len": 3}}
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            text = r.json()["choices"][0]["text"]
+            assert "</think>" in text, (mode, text)
+            if mode != "diffusion":
+                assert text.startswith(want), (mode, text, want)
+        r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "max_thinking_tokens": 9})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_thinking_tokens"
+        r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "max_thinking_tokens": -1})
+        assert r.status_code == 400
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                  "reasoning_effort": "extreme"})
+        assert r.status_code == 400

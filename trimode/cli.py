@@ -231,7 +231,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"{path} has no tokenizer.json; `generate` needs one to encode --prompt")
     tok.check_model(model.config)
     if args.chat:  # special-token strings in the prompt stay text: only the template writes control tokens
-        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        extra = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True, **extra)
     else:
         ids = tok.encode(args.prompt)
     block_len = default_block_len(model, args.mode, path) if args.block_len is None else args.block_len
@@ -252,7 +253,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mode, cfg, rows = prepare(model, [ids], mode=args.mode, max_new_tokens=args.max_new_tokens,
                               block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes)
+                              seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes,
+                              max_thinking_tokens=args.max_thinking_tokens,
+                              think_ids=tok.think_ids() if args.max_thinking_tokens is not None else None)
     stream = tok.stream()
     t0 = time.perf_counter()
     for step in run(model, mode, cfg, rows):  # print text as each forward finalises it
@@ -328,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "verify-by-sampling (match)")
     g.add_argument("--dtype", default=None,
                    help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
+    g.add_argument("--max-thinking-tokens", type=int, default=None,
+                   help="thinking budget: after N tokens inside an open <think>, </think> is emitted next "
+                        "(every mode; docs/thinking.md)")
+    th = g.add_mutually_exclusive_group()
+    th.add_argument("--enable-thinking", dest="enable_thinking", action="store_true", default=None,
+                    help="--chat: pass enable_thinking=true to the chat template")
+    th.add_argument("--no-thinking", dest="enable_thinking", action="store_false",
+                    help="--chat: pass enable_thinking=false to the chat template")
     g.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true")

@@ -193,6 +193,17 @@ class Tokenizer:
         context.update(kwargs)
         return render(template, messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
 
+    def think_ids(self, open_text: str = "<think>", close_text: str = "</think>") -> tuple[list[int], list[int]]:
+        """The ids of the think markers (one special token each where the vocabulary has them, else the
+        pieces the text encodes to): what a thinking budget watches for and forces."""
+        ids = []
+        for text in (open_text, close_text):
+            t = self.token_to_id(text)
+            ids.append([t] if t is not None else self.encode(text))
+        if not ids[0] or not ids[1]:
+            raise ValueError("this tokenizer encodes <think> / </think> to nothing")
+        return ids[0], ids[1]
+
     def encode_chat(
         self,
         messages: Sequence[dict[str, Any]],

@@ -347,13 +347,26 @@ def encode_chat(req: schemas.ChatRequest, tokenizer, s: ServerSettings) -> list[
     if sum(len(m["content"]) for m in messages) > 32 * s.prompt_limit + 64:
         raise APIError(400, f"the messages are far longer than the limit of {s.prompt_limit} tokens",
                        param="messages", code="context_length_exceeded")
+    enable, _ = req.thinking()
+    extra = {} if enable is None else {"enable_thinking": enable}
     try:  # special-token strings typed in a message stay text: only the template writes control tokens
-        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
     except ValueError as e:
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
     except Exception as e:  # noqa: BLE001 (jinja errors raised by the template on these messages)
         raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}"[:300],
                        param="messages") from None
+
+
+def thinking_budget(req, chat: bool, max_tokens: int, tokenizer) -> tuple | None:
+    """(budget, ids of <think>, ids of </think>) for a request with a thinking budget, else None."""
+    budget = req.thinking()[1] if chat else req.max_thinking_tokens
+    if budget is None:
+        return None
+    if budget > max_tokens:
+        raise APIError(400, f"max_thinking_tokens = {budget} exceeds max_tokens = {max_tokens}",
+                       param="max_thinking_tokens")
+    return (budget, *tokenizer.think_ids())
 
 
 # -- completions --------------------------------------------------------------------------------------
@@ -385,7 +398,8 @@ async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, as
     eos = st.tokenizer.eos_id
     stop_ids = frozenset(({eos} if eos is not None else set()) | (st.chat_stop if chat else set()))
     job = Job(prompt=ids, max_tokens=max_tokens, mode=mode, block_len=block_len, threshold=threshold,
-              stop_ids=stop_ids, stops=stops, sink=sink, sampling=samp)
+              stop_ids=stop_ids, stops=stops, sink=sink, sampling=samp,
+              think=thinking_budget(req, chat, max_tokens, st.tokenizer))
     st.engine.submit(job)  # APIError 429 when the queue is full
     return req, job, queue
 

@@ -109,6 +109,7 @@ class Job:
     stops: list[str]
     sink: Callable[[Event], None]
     sampling: Any = None  # SamplingParams; None = greedy
+    think: tuple | None = None  # (thinking budget, ids of <think>, ids of </think>) or None
     # engine state
     cancelled: bool = False
     finished: bool = False
@@ -313,6 +314,10 @@ class Engine:
             try:
                 job.row = row_cls(job.prompt, max_new_tokens=job.max_tokens, stop_ids=job.stop_ids,
                                   index=0, sampling=job.sampling)
+                if job.think is not None:
+                    from ..decode.thinking import ThinkState
+
+                    job.row.think = ThinkState.for_prompt(job.prompt, *job.think)
             except ValueError as e:
                 self._fail(job, APIError(400, str(e)))
                 continue

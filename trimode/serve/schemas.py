@@ -77,6 +77,8 @@ class _Common(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     decoding: Decoding | None = None
+    # Thinking budget (extension): after this many tokens inside an open <think>, </think> is emitted.
+    max_thinking_tokens: int | None = Field(default=None, ge=0)
     # Known OpenAI fields we do not implement: accepted only at their no-op value.
     n: int | None = None
     best_of: int | None = None
@@ -158,8 +160,32 @@ class Message(_Strict):
         return "".join(p.text for p in self.content)
 
 
+class ChatTemplateArgs(_Strict):
+    enable_thinking: bool | None = None
+
+
+# reasoning_effort -> (enable_thinking, max_thinking_tokens): "minimal" turns thinking off, "low" and
+# "medium" bound it, "high" leaves it unbounded (max_tokens still applies).
+REASONING_EFFORT = {"minimal": (False, None), "low": (True, 256), "medium": (True, 1024), "high": (True, None)}
+
+
 class ChatRequest(_Common):
     messages: list[Message]
+    enable_thinking: bool | None = None  # passed to the chat template (extension)
+    chat_template_kwargs: ChatTemplateArgs | None = None  # vLLM's spelling of the same
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+
+    def thinking(self) -> tuple[bool | None, int | None]:
+        """(enable_thinking for the template, the thinking budget) this request asks for."""
+        enable = self.enable_thinking
+        if enable is None and self.chat_template_kwargs is not None:
+            enable = self.chat_template_kwargs.enable_thinking
+        budget = self.max_thinking_tokens
+        if self.reasoning_effort is not None:
+            e, b = REASONING_EFFORT[self.reasoning_effort]
+            enable = e if enable is None else enable
+            budget = b if budget is None else budget
+        return enable, budget
 
     def chat_messages(self) -> list[dict[str, str]]:
         if not self.messages:
