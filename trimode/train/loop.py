@@ -5,9 +5,9 @@ sample index), so a run gives the same losses with 1 or N ranks and after a resu
 global batch into contiguous micro-batches; the loss sums and token counts are all-reduced before
 dividing (global loss averaging), so the gradient is that of the whole global batch.
 
-Under torchrun (WORLD_SIZE > 1; gloo on CPUs, NCCL with one GPU per rank on GPUs: `device`, "auto" by
-default, picks the backend, the FSDP2 mesh and the autocast device) `cfg.dist` picks DistributedDataParallel ("ddp") or FSDP2
-("fsdp2": `fully_shard` on every block and the root, parameters / gradients / AdamW state sharded
+Under torchrun (WORLD_SIZE > 1; gloo on CPUs, NCCL with one GPU per rank on GPUs: `device`, "auto"
+by default, picks the backend, the FSDP2 mesh and the autocast device) `cfg.dist` picks
+DistributedDataParallel ("ddp") or FSDP2 ("fsdp2": `fully_shard` on every block and the root, parameters / gradients / AdamW state sharded
 over ranks). Checkpoints are full state dicts either way, so a run can resume under the other mode
 or another world size. Only rank 0 writes, logs and returns the summary (other ranks get {}).
 
