@@ -9,7 +9,8 @@ Under torchrun (WORLD_SIZE > 1; gloo on CPUs, NCCL with one GPU per rank on GPUs
 by default, picks the backend, the FSDP2 mesh and the autocast device) `cfg.dist` picks
 DistributedDataParallel ("ddp") or FSDP2 ("fsdp2": `fully_shard` on every block and the root,
 parameters / gradients / AdamW state sharded over ranks). Checkpoints are full state dicts either
-way, so a run can resume under the other mode or another world size. Only rank 0 writes, logs and returns the summary (other ranks get {}).
+way, so a run can resume under the other mode or another world size. Only rank 0 writes, logs and
+returns the summary (other ranks get {}).
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) asks the run to stop. The step in progress finishes (under
 torchrun the ranks agree on the step), a checkpoint is written by the same atomic writer as the
