@@ -243,7 +243,9 @@ def run_all(args, model, suites, configs, *, eos_id, peers_on: bool):
     warm_up(model, allp[0], configs, eos_id=eos_id)
     peer_info: dict = {}
     hf = None
-    if peers_on:
+    if peers_on and getattr(model, "quantization", None):
+        peer_info["skipped"] = "transformers peers skipped: they would run other (unquantized) weights"
+    elif peers_on:
         try:
             hf = hf_model(model)
         except ImportError as e:

@@ -78,6 +78,7 @@ class DrafterConfig:
     data_cache: str | None = None  # a .pt of the AR continuations, reused when it exists
     save_every: int = 50  # write the adapter + trainer state every N steps (0: only at the end)
     resume: bool = True  # continue from OUT/trainer_state.pt when an interrupted run left one
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda: where the model trains and generates
     init_adapter: str | None = None  # start from this adapter's weights (its targets, rank, alpha)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -233,7 +234,9 @@ def fit_drafter(model: torch.nn.Module, seqs: Sequences, cfg: DrafterConfig, *,
         x, valid = seqs.tokens[rows, :L], seqs.valid[rows, :L]
         anchors = sample_anchors(seqs, rows, cfg.blocks_per_seq, K, gen)
         adapt_anchor = torch.rand(anchors.shape, generator=gen) < 0.5
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        dev = next(model.parameters()).device
+        x, valid, anchors, adapt_anchor = x.to(dev), valid.to(dev), anchors.to(dev), adapt_anchor.to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss, info = drafter_loss(model, x, valid, anchors, K, kl_weight=cfg.kl_weight,
                                       ce_weight=cfg.ce_weight, adapt_anchor=adapt_anchor)
         opt.zero_grad(set_to_none=True)
@@ -296,6 +299,10 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         alpha = cfg.alpha if cfg.alpha is not None else 4.0 * rank
         model.add_adapter(DRAFT, targets=targets, r=rank, alpha=alpha)
         reinit_adapter(model, DRAFT, seed=cfg.seed)
+    from .loop import pick_device
+
+    device = pick_device(cfg.device)
+    model.to(device)  # (parameters keep their identity: the list below is the model's own)
     params = [p for n, p in model.named_parameters() if f".adapters.{DRAFT}." in n]
     for p in params:
         p.requires_grad_(True)
@@ -313,7 +320,7 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         log(f"{len(prompts)} training prompts; generating AR greedy continuations of {cfg.new_tokens} tokens "
             f"({cfg.gen_dtype or cfg.dtype})")
         gen_model = (model if cfg.gen_dtype in (None, cfg.dtype)
-                     else load_model(mdir, dtype=getattr(torch, cfg.gen_dtype)))
+                     else load_model(mdir, dtype=getattr(torch, cfg.gen_dtype), device=device))
         seqs = ar_continuations(gen_model, prompts, new=cfg.new_tokens, eos_id=c.eos_token_id, batch=cfg.gen_batch,
                                 pad_id=c.pad_token_id if c.pad_token_id is not None else 0, log=log)
         if cfg.data_cache:
@@ -396,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="AR continuation length per prompt")
     p.add_argument("--gen-batch", type=int, default=32)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--gen-dtype", choices=("float32", "bfloat16"), default=None,
                    help="dtype of the model writing the AR targets (default float32; bfloat16 is ~4x faster on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -418,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         rank=args.rank, alpha=args.alpha, block_lens=_ints(args.block_len), steps=args.steps, batch=args.batch,
         blocks_per_seq=args.blocks_per_seq, lr=args.lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
         prompts=tuple(args.prompts), n_prompts=args.n_prompts, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, gen_dtype=args.gen_dtype,
+        new_tokens=args.new_tokens, gen_batch=args.gen_batch, bf16=args.bf16, device=args.device, gen_dtype=args.gen_dtype,
         seed=args.seed,
         log_every=args.log_every, data_cache=args.data_cache, save_every=args.save_every,
         resume=not args.no_resume, init_adapter=args.init_adapter,

@@ -205,7 +205,11 @@ def load_optimizer_state(
 def train_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
     """The device this rank trains on: cfg.device ("auto": CUDA when available), one GPU per rank
     (LOCAL_RANK) under torchrun."""
-    want = cfg.device
+    return pick_device(cfg.device, local_rank)
+
+
+def pick_device(want: str, local_rank: int = 0) -> torch.device:
+    """"auto" (CUDA when available), "cpu", "cuda" (the rank's GPU) or "cuda:N" as a torch device."""
     if want not in ("auto", "cpu", "cuda") and not want.startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda, got {want!r}")
     if want == "auto":
