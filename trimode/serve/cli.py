@@ -259,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     print(f"trimode serve: at most {cfg.max_cycle_tokens} tokens per forward ({engine.cycle_source})",
           file=sys.stderr, flush=True)
+    if getattr(engine.model, "quantization", None):
+        from ..cli import describe_quantization
+
+        print(f"trimode serve: quantized: {describe_quantization(engine.model)}", file=sys.stderr, flush=True)
     class DrainingServer(uvicorn.Server):
         """On SIGTERM / SIGINT the engine stops taking requests and gives the in-flight ones the grace
         period (less a second to send their answers), then uvicorn closes the connections."""
