@@ -226,6 +226,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                      quantize=args.quantize))
     if model.quantization:
         print(f"quantized: {describe_quantization(model)}", file=sys.stderr)
+    if args.compile:
+        model.compile_decode()
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; `generate` needs one to encode --prompt")
@@ -340,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--no-thinking", dest="enable_thinking", action="store_false",
                     help="--chat: pass enable_thinking=false to the chat template")
     g.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_generate)
@@ -355,6 +358,11 @@ QUANTIZE_HELP = ("weight-only quantization of the base weights (CPU): int8 (per 
                  "the model's own GEMMs: its numerics, speculation exact as unquantized) or int4 (groups of 32 on "
                  "PyTorch's packed kernel, bf16 activations; a GGUF-converted model keeps its Q4_1 codes). Draft "
                  "adapters stay in full precision. See docs/quantization.md (default: none)")
+
+
+COMPILE_HELP = ("compile the decode forwards (torch.compile, static shapes: one graph per batch and width, the first "
+                "call of each compiles, which takes seconds to minutes); outputs equal the eager ones "
+                "(docs/compile.md)")
 
 
 def describe_quantization(model) -> str:

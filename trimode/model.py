@@ -88,14 +88,19 @@ class Attention(nn.Module):
         self.k_proj = AdaptableLinear(c.hidden_size, c.kv_dim)
         self.v_proj = AdaptableLinear(c.hidden_size, c.kv_dim)
         self.o_proj = AdaptableLinear(c.q_dim, c.hidden_size)
+        self.qkv: torch.Tensor | None = None  # fuse_projections(): q, k, v weights in one matrix
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int, *, adapter: str | None,
                 gate: torch.Tensor | None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        q = self.q_proj(x, adapter, gate).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x, adapter, gate).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x, adapter, gate).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        if self.qkv is not None and not _adapts(adapter, self.q_proj, self.k_proj, self.v_proj):
+            q, k, v = F.linear(x, self.qkv).split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x, adapter, gate), self.k_proj(x, adapter, gate), self.v_proj(x, adapter, gate)
+        q = q.reshape(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.reshape(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q = q * ctx.cos + rotate_half(q) * ctx.sin
         k = k * ctx.cos + rotate_half(k) * ctx.sin
         if ctx.q_scale is not None:
@@ -116,10 +121,34 @@ class MLP(nn.Module):
         self.gate_proj = AdaptableLinear(config.hidden_size, config.intermediate_size)
         self.up_proj = AdaptableLinear(config.hidden_size, config.intermediate_size)
         self.down_proj = AdaptableLinear(config.intermediate_size, config.hidden_size)
+        self.gate_up: torch.Tensor | None = None  # fuse_projections(): gate and up weights in one matrix
 
     def forward(self, x: torch.Tensor, adapter: str | None, gate: torch.Tensor | None) -> torch.Tensor:
+        if self.gate_up is not None and not _adapts(adapter, self.gate_proj, self.up_proj):
+            g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u, adapter, gate)
         a = F.silu(self.gate_proj(x, adapter, gate)) * self.up_proj(x, adapter, gate)
         return self.down_proj(a, adapter, gate)
+
+
+def _adapts(adapter: str | None, *linears: AdaptableLinear) -> bool:
+    """Whether the call's adapter acts on any of these projections (then they run one by one)."""
+    return adapter is not None and any(adapter in m.adapters for m in linears)
+
+
+def _fuse(linears: list[AdaptableLinear]) -> torch.Tensor | None:
+    """One matrix holding the weights of `linears` stacked by rows; their weights become views of it
+    (no extra memory; state dicts and adapters see the same values). None when any is quantized."""
+    if any(m.quantized is not None for m in linears):
+        return None
+    with torch.no_grad():
+        w = torch.cat([m.weight.detach() for m in linears], dim=0)
+    start = 0
+    for m in linears:
+        n = m.out_features
+        m.weight = nn.Parameter(w[start:start + n], requires_grad=False)
+        start += n
+    return w
 
 
 class Block(nn.Module):
@@ -154,6 +183,9 @@ class Transformer(nn.Module):
         # Weight-only quantization (trimode.quant): the scheme, and the packed output head.
         self.quantization: dict | None = None
         self.quant_head: nn.Module | None = None
+        # compile_decode(): the compiled block stack for decode forwards of up to compile_max_tokens.
+        self._compiled = None
+        self.compile_max_tokens = 0
 
     @property
     def device(self) -> torch.device:
@@ -168,6 +200,48 @@ class Transformer(nn.Module):
 
     def adapter_names(self) -> set[str]:
         return adapter_names(self)
+
+    def _trunk(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+               cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None) -> torch.Tensor:
+        """Embedding, rotary tables and the blocks (the part `compile_decode` compiles)."""
+        c = self.config
+        # Rotary tables in fp32, as in the reference, then cast to the activation dtype.
+        freqs = positions[..., None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dt = self.dtype
+        cos = (emb.cos() * self.rope_attention_factor).to(dt)[:, None]  # (B, 1, T, D)
+        sin = (emb.sin() * self.rope_attention_factor).to(dt)[:, None]
+        q_scale = None
+        if c.llama4_scaling_beta is not None:
+            s = 1 + c.llama4_scaling_beta * torch.log1p(torch.floor(positions.float() / c.llama4_original_max))
+            q_scale = s.to(dt)[:, None, :, None]  # (B, 1, T, 1)
+        x = self.embed_tokens(tokens)  # (B, T, hidden)
+        ctx = ForwardContext(cos, sin, q_scale, mask, cache, S)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, i, adapter=adapter, gate=gate)
+        return x
+
+    def fuse_projections(self) -> Transformer:
+        """Inference: q / k / v and gate / up each run as one matmul (calls without an adapter on them:
+        AR steps, verify passes); the projections' weights become views of the fused matrices. Not for
+        training (the views are frozen). Returns the model."""
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            m.gate_up = _fuse([m.gate_proj, m.up_proj])
+        return self
+
+    def compile_decode(self, *, max_tokens: int = 128, mode: str | None = None) -> Transformer:
+        """Compile the embedding, rotary tables and block stack (`torch.compile`, static shapes) for
+        the decode forwards of at most `max_tokens` tokens on a cache: they attend over all of the
+        cache's slots (the unwritten ones masked), so a forward's shapes depend on its batch and width
+        only, not on how much is cached, and one graph serves a whole generation; caches come in
+        power-of-two capacities. Longer forwards (prefill) run eagerly. mode: torch.compile's (e.g.
+        "reduce-overhead": CUDA graphs on a GPU). Returns the model."""
+        _compile_options()
+        self.compile_max_tokens = int(max_tokens)
+        self._compiled = torch.compile(self._trunk, dynamic=False, mode=mode)
+        return self
 
     def add_adapter(
         self, name: str, *, targets: tuple[str, ...] = ("o_proj",), r: int = 8, alpha: float = 16.0,
@@ -197,6 +271,8 @@ class Transformer(nn.Module):
             raise ValueError(f"the model has no adapter {name!r} to merge")
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        if self._compiled is not None:  # a few capacities (powers of two), so compiled graphs are reused
+            capacity = min(max(256, 1 << (int(capacity) - 1).bit_length()), max(capacity, self.config.max_seq_len))
         return KVCache(self.config, batch_size, capacity, dtype=self.dtype, device=self.device)
 
     def forward(
@@ -266,6 +342,7 @@ class Transformer(nn.Module):
         if bool((positions >= c.max_seq_len).any()) or bool((positions < 0).any()):
             raise ValueError(f"positions must lie in [0, {c.max_seq_len}) (max_seq_len)")
         S = cache.begin(T) if cache is not None else T
+        compiled = self._compiled is not None and cache is not None and T <= self.compile_max_tokens
         if mask is None and cache is not None:
             # Plain causal call on top of the cache.
             from .masks import causal, with_prefix
@@ -276,32 +353,30 @@ class Transformer(nn.Module):
                 mask = mask.unsqueeze(0).expand(B, -1, -1)
             if mask.shape != (B, T, S):
                 raise ValueError(f"mask must be (B, T, S) = {(B, T, S)}, got {tuple(mask.shape)}")
-            mask = mask.to(dev).unsqueeze(1)  # (B, 1, T, S), broadcast over heads
-
-        # Rotary tables in fp32, as in the reference, then cast to the activation dtype.
-        freqs = positions[..., None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        dt = self.dtype
-        cos = (emb.cos() * self.rope_attention_factor).to(dt)[:, None]  # (B, 1, T, D)
-        sin = (emb.sin() * self.rope_attention_factor).to(dt)[:, None]
-        q_scale = None
-        if c.llama4_scaling_beta is not None:
-            s = 1 + c.llama4_scaling_beta * torch.log1p(torch.floor(positions.float() / c.llama4_original_max))
-            q_scale = s.to(dt)[:, None, :, None]  # (B, 1, T, 1)
+            mask = mask.to(dev)
+            if compiled:  # static shapes: attend over every cache slot, the unwritten ones masked out
+                mask = torch.nn.functional.pad(mask, (0, cache.capacity - S), value=False)
+            mask = mask.unsqueeze(1)  # (B, 1, T, S), broadcast over heads
+        if compiled:
+            S = cache.capacity
 
         gate = None
         if adapter is not None and adapter_tokens is not None:
-            gate = adapter_tokens.to(device=dev, dtype=dt)[..., None]  # (B, T, 1)
-        x = self.embed_tokens(tokens)  # (B, T, hidden)
-        ctx = ForwardContext(cos, sin, q_scale, mask, cache, S)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, i, adapter=adapter, gate=gate)
+            gate = adapter_tokens.to(device=dev, dtype=self.dtype)[..., None]  # (B, T, 1)
+        x = (self._compiled if compiled else self._trunk)(tokens, positions, mask, cache, S, adapter, gate)
         if at is not None:
             idx = at.to(dev)
             x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, hidden)
             if gate is not None:
                 gate = torch.gather(gate, 1, idx[..., None])
         return self.norm(x), gate
+
+
+def _compile_options() -> None:
+    import torch._dynamo
+
+    # one graph per (batch, width, adapter) of the decode forwards: AR, draft, verify, quadratic, ...
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
 def init_weights(model: Transformer, *, seed: int = 0, std: float = 0.02) -> Transformer:

@@ -301,4 +301,5 @@ def for_inference(model):
     an AR step on SmolLM2, bf16, one thread). Call after the final dtype / device; returns the model."""
     if "draft" in model.adapter_names() and not getattr(model, "quantization", None):
         model.merge_adapter("draft")  # (a quantized base keeps its adapter unmerged, in full precision)
+    model.fuse_projections()  # q/k/v and gate/up as one matmul each where no adapter acts on them
     return model

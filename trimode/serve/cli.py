@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     rt = p.add_argument_group("runtime")
     rt.add_argument("--dtype", default=None,
                     help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
-    from ..cli import QUANTIZE_CHOICES, QUANTIZE_HELP
+    from ..cli import COMPILE_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 
     rt.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    rt.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     rt.add_argument("--device", default="cpu", help="torch device of the model")
     rt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     rt.add_argument("--fake-decoder", action="store_true",
@@ -226,6 +227,8 @@ def build(args: argparse.Namespace):
         args.max_cycle_tokens, measured = max_cycle_tokens(model, args.max_cycle_cost, floor=floor)
         cycle_source = (f"measured: <= {args.max_cycle_cost:g} AR steps of {measured['ar_step_ms']:g} ms; "
                         f"cost by width {measured['cost_in_ar_steps']}")
+    if args.compile:  # after the measurement (eager: a conservative budget); graphs compile on first use
+        model.compile_decode()
     api = None
     if args.fake_decoder:
         from .fake import fake_api
