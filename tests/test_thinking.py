@@ -52,11 +52,13 @@ def oracle(model, prompt, budget, close, n):
 BUDGETS = [0, 3, 7, None]
 
 
-@pytest.mark.parametrize("mode,block_len", [("ar", None), ("linear", 4), ("quadratic", 3), ("diffusion", 4),
-                                            ("linear", 8)])
-def test_close_lands_exactly_at_the_budget_in_every_mode(setup, mode, block_len):
+@pytest.mark.parametrize("mode,block_len,tree", [("ar", None, 0), ("linear", 4, 0), ("quadratic", 3, 0),
+                                                 ("diffusion", 4, 0), ("linear", 8, 0), ("linear", 4, 8)])
+def test_close_lands_exactly_at_the_budget_in_every_mode(setup, mode, block_len, tree):
     model, prompts, close = setup
     kw = {"block_len": block_len} if block_len else {}
+    if tree:
+        kw["tree_nodes"] = tree  # linear verifying a tree of drafts (greedy batches)
     if mode == "diffusion":
         kw["threshold"] = None  # the even schedule: one slot per forward, every mode deterministic
     outs = generate(model, prompts, mode=mode, max_new_tokens=N, max_thinking_tokens=BUDGETS,
