@@ -689,6 +689,7 @@ def _train(run: Run, stop: StopSignals) -> dict[str, Any]:
             ck = C.checkpoint_root(run.out) / f"step_{step:08d}"
             log(f"stopped by {stopped} at step {step}; resume with --resume (checkpoint {ck})")
         last = {**last, "stopped": stopped} if last.get("step") == step else {"step": step, "stopped": stopped}
-    if run.distributed:
+    if run.distributed:  # every rank past its last collective before any tears the group down (gloo aborts
+        dist.barrier()   # a process whose peer closes the connections under it)
         dist.destroy_process_group()
     return last if run.rank == 0 else {}
