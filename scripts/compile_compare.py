@@ -1,6 +1,6 @@
 """Compiled (Transformer.compile_decode) against eager decoding, every mode, one run, interleaved.
 
-    python scripts/compile_compare.py [--model bundled] [--max-new-tokens 64] [--repeats 3]
+    python scripts/compile_compare.py [--model bundled] [--max-new-tokens 64] [--repeats 3] [--modes ar,linear]
 
 Both models get `for_inference` (draft adapter merged, q/k/v and gate/up fused). Each mode is first
 run once on the compiled model (the compilation, timed separately), then per repeat eager and
@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="def fibonacci(n):")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="ar,linear,quadratic,diffusion")
     args = ap.parse_args(argv)
     import trimode
     from trimode.models import for_inference, resolve_model
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     ids = load_tokenizer(path).encode(args.prompt)
     eager = for_inference(trimode.load_model(path))
     compiled = for_inference(trimode.load_model(path)).compile_decode(max_tokens=64)
-    modes = [("ar", None), ("linear", 4), ("quadratic", 3), ("diffusion", 4)]
+    blocks = {"ar": None, "linear": 4, "quadratic": 3, "diffusion": 4}
+    modes = [(m, blocks[m]) for m in args.modes.split(",")]
     print(f"{args.model}, {args.max_new_tokens} tokens, 1 thread, load average {os.getloadavg()[0]:.2f}")
     print(f"{'mode':>10} {'compile s':>9} {'eager tok/s':>11} {'compiled tok/s':>14} {'speed-up':>8}  identical")
     for mode, bl in modes:
