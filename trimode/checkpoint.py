@@ -63,9 +63,11 @@ def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     if raw.get("model_type") not in HF_MODEL_TYPES and isinstance(raw.get("text_config"), dict):
         # A VLM (e.g. Mistral3): the decoder's config is nested; top-level fields fill its gaps.
         text = dict(raw["text_config"])
-        for k in ("tie_word_embeddings", "torch_dtype", "dtype"):
+        for k in ("torch_dtype", "dtype"):
             if k not in text and k in raw:
                 text[k] = raw[k]
+        if "tie_word_embeddings" in raw:  # the composite model ties (or not) its head, as transformers does
+            text["tie_word_embeddings"] = raw["tie_word_embeddings"]
         raw = text
     try:
         return ModelConfig.from_hf_dict(raw), raw
@@ -235,6 +237,9 @@ def load_model(
     model.inv_freq = inv_freq.to(device)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "tensor left on meta"
 
+    tower = load_vision(path, config, entries, dtype=dt, device=device, check_finite=check_finite)
+    if tower is not None:
+        model.set_vision(tower)
     if native and (path / ADAPTERS_DIR).is_dir():
         for sub in sorted(p for p in (path / ADAPTERS_DIR).iterdir() if p.is_dir()):
             load_adapter(model, sub, name=sub.name)
@@ -248,6 +253,99 @@ def load_model(
 
         quantize_model(model, quantize, gguf=_converted_from(path))
     return model.eval()
+
+
+# The vision side of a VLM checkpoint: where its tensors sit, per layout, and what they are called here.
+VISION_STORED = {"vision_tower.": "vision_tower.", "model.vision_tower.": "vision_tower.",
+                 "multi_modal_projector.": "multi_modal_projector.",
+                 "model.multi_modal_projector.": "multi_modal_projector."}
+
+
+def load_vision(path: Path, config: ModelConfig, entries: dict[str, TensorEntry], *, dtype: torch.dtype,
+                device: torch.device, check_finite: bool = True):
+    """The vision tower + projector of a Mistral3-style VLM directory (config.json with vision_config and
+    its tensors stored), or None for a text-only checkpoint. Checked like the text weights: every tensor
+    present, none extra, shapes as the config says."""
+    from .vision import VisionConfig, VisionTower
+
+    top = read_json(path / "config.json")
+    stored = [k for k in entries if k.startswith(tuple(VISION_STORED))]
+    if not isinstance(top.get("vision_config"), dict):
+        return None
+    if not stored:
+        raise ValueError(f"{path}: config.json describes a vision tower (vision_config) but no vision_tower.* / "
+                         "multi_modal_projector.* tensors are stored")
+    pre_file = path / "preprocessor_config.json"
+    pre = read_json(pre_file) if pre_file.is_file() else None
+    try:
+        vc = VisionConfig.from_hf_dict(top, text_hidden_size=config.hidden_size, text_rms_eps=config.rms_norm_eps,
+                                       preprocessor=pre)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{path / 'config.json'}: invalid vision config: {e}") from None
+    if not 0 <= vc.image_token_id < config.vocab_size:
+        raise ValueError(f"{path / 'config.json'}: image_token_index {vc.image_token_id} is outside the "
+                         f"vocabulary ({config.vocab_size})")
+    vc = vc.with_tokens(*_image_marker_ids(path, top, config.vocab_size))
+    with torch.device("meta"):
+        tower = VisionTower(vc)
+    expected = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
+    ours_of: dict[str, str] = {}
+    for name in stored:
+        prefix = next(p for p in sorted(VISION_STORED, key=len, reverse=True) if name.startswith(p))
+        ours = VISION_STORED[prefix] + name[len(prefix):]
+        if ours not in expected:
+            raise ValueError(f"{entries[name].file}: unexpected vision tensor {name!r}")
+        if ours in ours_of.values():
+            raise ValueError(f"{path}: vision tensor {ours!r} is stored twice")
+        if entries[name].shape != expected[ours]:
+            raise ValueError(f"{entries[name].file}: tensor {name!r} has shape {entries[name].shape}, "
+                             f"expected {expected[ours]}")
+        if entries[name].dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{entries[name].file}: tensor {name!r} is stored as {entries[name].dtype}; "
+                             "weights must be floating point")
+        ours_of[name] = ours
+    missing = sorted(set(expected) - set(ours_of.values()))
+    if missing:
+        raise ValueError(f"{path}: missing vision tensors: {', '.join(missing[:8])}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in stored:
+        by_file.setdefault(entries[name].file, []).append(name)
+    for file, names in by_file.items():
+        for name, t in load_tensors(file, names):
+            t = t.to(device=device, dtype=dtype)
+            if check_finite and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{file}: tensor {name!r} holds NaN or inf values")
+            state[ours_of[name]] = t
+    tower.load_state_dict(state, strict=True, assign=True)
+    enc = tower.vision_tower
+    d = vc.head_dim
+    inv = 1.0 / (vc.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    enc.inv_freq_h, enc.inv_freq_w = inv[0::2].clone().to(device), inv[1::2].clone().to(device)
+    return tower.eval()
+
+
+def _image_marker_ids(path: Path, top: dict[str, Any], vocab: int) -> tuple[int | None, int | None]:
+    """The [IMG_BREAK] / [IMG_END] ids: from config.json, else processor_config.json's token strings
+    looked up in the tokenizer, else the tokenizer's [IMG_BREAK] / [IMG_END]."""
+    ids: list[int | None] = []
+    proc_file = path / "processor_config.json"
+    proc = read_json(proc_file) if proc_file.is_file() else {}
+    tok = None
+    for key, default in (("image_break", "[IMG_BREAK]"), ("image_end", "[IMG_END]")):
+        v = top.get(f"{key}_token_id")
+        if v is None:
+            if tok is None:
+                from .tokenizer import load_tokenizer
+
+                tok = load_tokenizer(path) or False
+            name = proc.get(f"{key}_token", default) if isinstance(proc, dict) else default
+            v = tok.token_to_id(name) if tok and isinstance(name, str) else None
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab):
+            raise ValueError(f"{path}: {key}_token_id {v!r} is outside the vocabulary ({vocab})")
+        ids.append(v)
+    return ids[0], ids[1]
 
 
 def _converted_from(path: Path) -> Path | None:
@@ -292,6 +390,9 @@ def write_model(model: Transformer, directory: str | Path, *, tokenizer: Tokeniz
     """The native layout, written into `directory` (the one writer of it; `save_model` makes it atomic):
     config.json (ModelConfig.to_dict) + model.safetensors (base weights, or `state`: see base_state) +
     adapters/<name>/ (PEFT) for every adapter, + the tokenizer's files when `tokenizer` is given."""
+    if getattr(model, "vision", None) is not None:
+        raise ValueError("saving a vision-language model is not supported: its checkpoint directory (the "
+                         "Mistral3 layout) stays the source; adapters are saved on their own (save_adapter)")
     if getattr(model, "quantization", None):
         raise ValueError("cannot save a quantized model: quantization happens at load time "
                          "(load_model(..., quantize=...)); save the unquantized one")

@@ -186,6 +186,18 @@ class Transformer(nn.Module):
         # compile_decode(): the compiled block stack for decode forwards of up to compile_max_tokens.
         self._compiled = None
         self.compile_max_tokens = 0
+        self._vision: list = []  # a VLM's vision tower (trimode.vision), held outside the module tree
+
+    @property
+    def vision(self):
+        """The vision tower + projector of a vision-language checkpoint (`trimode.vision.VisionTower`),
+        else None. Kept out of `state_dict()` / `parameters()`: the text model's weights, adapters,
+        training and quantization are those of the language model alone."""
+        return self._vision[0] if self._vision else None
+
+    def set_vision(self, tower) -> None:
+        """Attach (or, with None, detach) a vision tower; see `vision`."""
+        self._vision = [] if tower is None else [tower]
 
     @property
     def device(self) -> torch.device:
@@ -202,7 +214,8 @@ class Transformer(nn.Module):
         return adapter_names(self)
 
     def _trunk(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-               cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None) -> torch.Tensor:
+               cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None,
+               embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding, rotary tables and the blocks (the part `compile_decode` compiles)."""
         c = self.config
         # Rotary tables in fp32, as in the reference, then cast to the activation dtype.
@@ -215,7 +228,7 @@ class Transformer(nn.Module):
         if c.llama4_scaling_beta is not None:
             s = 1 + c.llama4_scaling_beta * torch.log1p(torch.floor(positions.float() / c.llama4_original_max))
             q_scale = s.to(dt)[:, None, :, None]  # (B, 1, T, 1)
-        x = self.embed_tokens(tokens)  # (B, T, hidden)
+        x = self.embed_tokens(tokens) if embeds is None else embeds.to(dt)  # (B, T, hidden)
         ctx = ForwardContext(cos, sin, q_scale, mask, cache, S)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, adapter=adapter, gate=gate)
@@ -286,6 +299,7 @@ class Transformer(nn.Module):
         adapter_tokens: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
         hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for `tokens`.
 
@@ -297,11 +311,13 @@ class Transformer(nn.Module):
         adapter_tokens: optional bool (B, T): the adapter acts only on these tokens (others use the
         base weights), for fused forwards that mix drafted and verified tokens.
         logits_at: optional (B, n) indices into T; only those positions get the output head.
+        inputs_embeds: optional (B, T, hidden) input embeddings used instead of looking `tokens` up (a
+        VLM prefill: image features at the image tokens' slots, `trimode.images.embed_prompts`).
         Returns (B, T, V) logits, or (B, n, V) with `logits_at`. hidden=True stops before the output
         head and returns (h, gate) instead (see `features`); `head(h, adapter=, gate=)` finishes it.
         """
         h, gate = self.features(tokens, positions, mask=mask, cache=cache, adapter=adapter,
-                                adapter_tokens=adapter_tokens, at=logits_at)
+                                adapter_tokens=adapter_tokens, at=logits_at, inputs_embeds=inputs_embeds)
         return (h, gate) if hidden else self.head(h, adapter=adapter, gate=gate)
 
     def head(self, h: torch.Tensor, *, adapter: str | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,6 +336,7 @@ class Transformer(nn.Module):
         adapter: str | None = None,
         adapter_tokens: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward without the output head: final-normed hidden states (B, T, hidden), or
         (B, n, hidden) at the indices `at`, and the adapter gate of those tokens (or None), for
@@ -342,7 +359,8 @@ class Transformer(nn.Module):
         if bool((positions >= c.max_seq_len).any()) or bool((positions < 0).any()):
             raise ValueError(f"positions must lie in [0, {c.max_seq_len}) (max_seq_len)")
         S = cache.begin(T) if cache is not None else T
-        compiled = self._compiled is not None and cache is not None and T <= self.compile_max_tokens
+        compiled = (self._compiled is not None and cache is not None and T <= self.compile_max_tokens
+                    and inputs_embeds is None)  # a VLM prefill (inputs_embeds) runs eagerly
         if mask is None and cache is not None:
             # Plain causal call on top of the cache.
             from .masks import causal, with_prefix
@@ -363,7 +381,13 @@ class Transformer(nn.Module):
         gate = None
         if adapter is not None and adapter_tokens is not None:
             gate = adapter_tokens.to(device=dev, dtype=self.dtype)[..., None]  # (B, T, 1)
-        x = (self._compiled if compiled else self._trunk)(tokens, positions, mask, cache, S, adapter, gate)
+        if inputs_embeds is not None:
+            if inputs_embeds.shape != (B, T, c.hidden_size):
+                raise ValueError(f"inputs_embeds must be (B, T, hidden) = {(B, T, c.hidden_size)}, "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            inputs_embeds = inputs_embeds.to(dev)
+        x = (self._compiled if compiled else self._trunk)(tokens, positions, mask, cache, S, adapter, gate,
+                                                          inputs_embeds)
         if at is not None:
             idx = at.to(dev)
             x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, hidden)

@@ -79,6 +79,8 @@ def prepare(
     tree_branch: int = 3,
     max_thinking_tokens: int | Sequence[int | None] | None = None,
     think_ids: tuple[Sequence[int], Sequence[int]] | None = None,
+    images: Sequence[object] | None = None,
+    image_limits: object | None = None,
 ) -> tuple[Mode, DecodeConfig, list[Row]]:
     """Validate a request and build its config and row state (raises ValueError on bad input)."""
     m = Mode.parse(mode)
@@ -103,7 +105,15 @@ def prepare(
         raise ValueError(f"stop token ids must be integers, got {bad[:5]}")
     eos = eos_id if eos_id is not None else model.config.eos_token_id
     stop_ids = set(stop or ()) | ({eos} if eos is not None else set())
+    feats = None
+    if images is not None or getattr(model, "vision", None) is not None:
+        from ..images import DEFAULT_LIMITS, embed_prompts
+
+        prompts, feats = embed_prompts(model, prompts, [None] * len(prompts) if images is None else images,
+                                       limits=image_limits or DEFAULT_LIMITS)
     rows = make_rows(prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling)
+    for r, f in zip(rows, feats or ()):
+        r.image_embeds = f
     _thinking(rows, max_thinking_tokens, think_ids, max_new_tokens)
     validate_rows(model, rows, needs_mask=REGISTRY[m].needs_mask)
     return m, cfg, rows
@@ -203,7 +213,10 @@ def generate(
     stats["acceptance_rule"] says which ran). Other options: steps,
     draft_adapter (name of the LoRA used in draft passes, default "draft" when present),
     draft_override (a hook replacing draft proposals), policy (diffusion unmasking policy object,
-    e.g. `Oracle(reference)`; overrides threshold / steps). Each Generation holds the new tokens (EOS
+    e.g. `Oracle(reference)`; overrides threshold / steps). images (a vision-language model): one
+    entry per prompt, None or a list of images (bytes, paths, data: URLs, PIL images), each placed at
+    one image token of its prompt (docs/vision.md); image_limits: a `trimode.images.ImageLimits`.
+    Each Generation holds the new tokens (EOS
     and stop tokens excluded), the forwards that row took part in (prefill included) and stats.
     """
     m, cfg, rows = prepare(model, prompts, mode=mode, max_new_tokens=max_new_tokens, block_len=block_len,

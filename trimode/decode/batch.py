@@ -127,7 +127,7 @@ class DecodableModel(Protocol):
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *,
                  mask: torch.Tensor | None = None, cache: KVCache | None = None, adapter: str | None = None,
                  adapter_tokens: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                 hidden: bool = False) -> Any: ...
+                 hidden: bool = False, inputs_embeds: torch.Tensor | None = None) -> Any: ...
 
     def head(self, h: torch.Tensor, *, adapter: str | None = None, gate: torch.Tensor | None = None
              ) -> torch.Tensor: ...
@@ -335,6 +335,27 @@ class Decoder:
         return Step(kind, out, rows)
 
 
+def image_embeds(model: DecodableModel, rows: Sequence[Row], tokens: torch.Tensor) -> torch.Tensor | None:
+    """The prefill's input embeddings when some row carries image features (a VLM prompt): the token
+    embeddings with each such row's [IMG] slots replaced by its features, in order; else None."""
+    if all(r.image_embeds is None for r in rows):
+        return None
+    tower = getattr(model, "vision", None)
+    if tower is None:
+        raise ValueError("a prompt carries image features but the model has no vision tower")
+    x = model.embed_tokens(tokens)
+    img = tower.config.image_token_id
+    for b, r in enumerate(rows):
+        if r.image_embeds is None:
+            continue
+        slots = (tokens[b, : len(r.prompt)] == img).nonzero()[:, 0]
+        if slots.numel() != r.image_embeds.shape[0]:
+            raise ValueError(f"prompt {r.index} has {slots.numel()} image tokens for "
+                             f"{r.image_embeds.shape[0]} image features")
+        x[b, slots] = r.image_embeds.to(device=x.device, dtype=x.dtype)
+    return x
+
+
 def prefill(dec: Decoder, rows: Sequence[Row], cache: KVCache, sampler: BatchSampler, *, draft_len: int = 0,
             fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Causal prefill of ragged prompts (right-padded, per-row commit), optionally fused with a draft.
@@ -356,15 +377,16 @@ def prefill(dec: Decoder, rows: Sequence[Row], cache: KVCache, sampler: BatchSam
         tokens[b, : len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long, device=dev)
     positions = clamp_positions(torch.arange(T, device=dev).expand(len(rows), T), c.max_seq_len)
     last = (lengths - 1)[:, None]
+    extra = {} if (embeds := image_embeds(dec.model, rows, tokens)) is None else {"inputs_embeds": embeds}
     if draft_len:
         slots = lengths[:, None] + torch.arange(draft_len, device=dev)[None, :]  # (B, k): the mask block
         want = torch.cat([last, pred_slots(slots[:, 1:], c.dlm_type)], dim=1)
         col = torch.arange(T, device=dev)[None, :]
         in_block = (col >= lengths[:, None]) & (col < lengths[:, None] + draft_len)
         logits = dec.model(tokens, positions, mask=masks.segments(lengths, draft_len, T, device=dev), cache=cache,
-                           adapter=dec.adapter, adapter_tokens=in_block, logits_at=want)
+                           adapter=dec.adapter, adapter_tokens=in_block, logits_at=want, **extra)
     else:
-        logits = dec.model(tokens, positions, mask=masks.causal(T, device=dev), cache=cache, logits_at=last)
+        logits = dec.model(tokens, positions, mask=masks.causal(T, device=dev), cache=cache, logits_at=last, **extra)
     cache.commit(lengths)
     logits = exclude_mask(logits, mask_id)
     if fresh:

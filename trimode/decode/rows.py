@@ -66,6 +66,9 @@ class Row:
         self.rng = RowRandom(sampling.seed) if sampling is not None and not sampling.greedy else None
         # The acceptance rule it verifies with, set at admit by speculative decoders (reported in stats).
         self.acceptance_rule: str | None = None
+        # A VLM prompt's image features (n_image_tokens, hidden), placed at its image tokens in the
+        # prefill (trimode.images.embed_prompts); None for text.
+        self.image_embeds = None
         self.tokens: list[int] = []
         self.done = False
         self.finish_reason: str | None = None
