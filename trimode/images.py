@@ -43,6 +43,7 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+_URL_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{1,15}://")
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 
@@ -91,8 +92,8 @@ def load_image(src: Any, *, limits: ImageLimits = DEFAULT_LIMITS):
         if img.width * img.height > limits.max_pixels:
             raise ImageError(f"image is {img.width} x {img.height} pixels, over the limit of {limits.max_pixels}")
         return img.convert("RGB")
-    if isinstance(src, str) and src[:5].lower() == "data:":
-        data = decode_data_url(src, limits=limits)
+    if isinstance(src, str) and (src[:5].lower() == "data:" or _URL_SCHEME.match(src)):
+        data = decode_data_url(src, limits=limits)  # a remote URL is refused there, never fetched
     elif isinstance(src, (str, Path)):
         p = Path(src)
         if not p.is_file():
