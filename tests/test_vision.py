@@ -148,7 +148,8 @@ def test_diffusion_runs_on_an_image_prompt_batched_like_alone(vlm_dirs):
     prompts = [[1, 3, IMG, 60, 4], [1, 3, 61, 62, 4]]
     images = [[_img(24, 24, seed=7)], None]
     both = trimode.generate(model, prompts, images=images, mode="diffusion", max_new_tokens=12, block_len=4)
-    alone = [trimode.generate(model, [p], images=[im], mode="diffusion", max_new_tokens=12, block_len=4)[0] for p, im in zip(prompts, images)]
+    alone = [trimode.generate(model, [p], images=[im], mode="diffusion", max_new_tokens=12, block_len=4)[0]
+             for p, im in zip(prompts, images)]
     assert [g.tokens for g in both] == [g.tokens for g in alone]
     assert len(both[0].tokens) == 12
 
@@ -217,7 +218,7 @@ def test_request_shape_errors(vlm_dirs):
     im = _img(16, 16)
     with pytest.raises(ValueError, match="one entry .* per prompt|2 prompts"):
         trimode.generate(model, [[1, IMG], [1, 2]], images=[[im]], mode="ar", max_new_tokens=2)
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match=r"2 image token\(s\) for 1 image"):
         trimode.generate(model, [[1, IMG, 2, IMG]], images=[[im]], mode="ar", max_new_tokens=2)
     with pytest.raises(ValueError, match="no image was given"):
         trimode.generate(model, [[1, IMG, 2]], mode="ar", max_new_tokens=2)
@@ -254,3 +255,27 @@ def test_a_vlm_is_not_silently_saved_without_its_vision_tower(vlm_dirs, tmp_path
     model = trimode.load_model(vlm_dirs["merge2"])
     with pytest.raises(ValueError, match="vision-language"):
         trimode.save_model(model, tmp_path / "out")
+
+
+def test_cli_generate_with_images_every_speculative_mode_equals_ar(vlm_dirs, tmp_path, capsys):
+    from trimode.cli import main
+
+    a, b = tmp_path / "a.png", tmp_path / "b.jpg"
+    _img(48, 64, seed=10).save(a)
+    _img(30, 30, seed=11).save(b, format="JPEG")
+    outs = {}
+    for mode in ("ar", "linear", "quadratic"):
+        argv = ["generate", "--model", str(vlm_dirs["merge2"]), "--image", str(a), "--image", str(b), "--chat",
+                "--prompt", "Compare these.", "--mode", mode, "--max-new-tokens", "16", "--json"]
+        assert main(argv) == 0
+        outs[mode] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]
+    assert outs["linear"] == outs["ar"] == outs["quadratic"]
+    assert main(["generate", "--model", str(vlm_dirs["merge2"]), "--prompt", "x", "--max-new-tokens", "4",
+                 "--json"]) == 0  # a VLM without an image is a text model
+    capsys.readouterr()
+    assert main(["generate", "--model", "bundled", "--image", str(a), "--prompt", "x"]) == 2
+    assert "text-only" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    assert main(["generate", "--model", str(vlm_dirs["merge2"]), "--image", str(bad), "--prompt", "x"]) == 2
+    assert "corrupt" in capsys.readouterr().err or "supported format" in capsys.readouterr().err

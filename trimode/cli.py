@@ -232,11 +232,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; `generate` needs one to encode --prompt")
     tok.check_model(model.config)
+    images = list(args.image or [])
+    if images and model.vision is None:
+        raise ValueError(f"--image: {path} is a text-only model (no vision tower); images need a vision-language "
+                         "checkpoint (the Mistral3 layout)")
     if args.chat:  # special-token strings in the prompt stay text: only the template writes control tokens
         extra = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking}
-        ids = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True, **extra)
-    else:
+        content = args.prompt if not images else [{"type": "image"} for _ in images] + [
+            {"type": "text", "text": args.prompt}]
+        ids = tok.encode_chat([{"role": "user", "content": content}], add_generation_prompt=True, **extra)
+        if images and ids.count(model.vision.config.image_token_id) != len(images):
+            raise ValueError("the model's chat template did not write one image token per --image")
+    else:  # raw prompt: the images come first, one image token each
         ids = tok.encode(args.prompt)
+        if images:
+            ids = [model.vision.config.image_token_id] * len(images) + ids
     block_len = default_block_len(model, args.mode, path) if args.block_len is None else args.block_len
     tree_nodes = args.tree_nodes
     if tree_nodes is None:
@@ -257,7 +267,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes,
                               max_thinking_tokens=args.max_thinking_tokens,
-                              think_ids=tok.think_ids() if args.max_thinking_tokens is not None else None)
+                              think_ids=tok.think_ids() if args.max_thinking_tokens is not None else None,
+                              images=[images] if images else None)
     stream = tok.stream()
     t0 = time.perf_counter()
     for step in run(model, mode, cfg, rows):  # print text as each forward finalises it
@@ -311,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="ar", choices=[m.value for m in Mode])
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--image", action="append", metavar="FILE",
+                   help="an image (PNG, JPEG, GIF, WebP, BMP) for a vision-language model; repeatable. With --chat "
+                        "the images precede the text in the user message; without, one image token each is "
+                        "put before the prompt")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--block-len", type=int, default=None, help=BLOCK_LEN_HELP)
     g.add_argument("--threshold", type=float, default=0.9)

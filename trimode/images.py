@@ -222,19 +222,20 @@ def embed_prompts(model: Any, prompts: Any, images: Any, *, limits: ImageLimits 
                              "no image_break_token_id / image_end_token_id): cannot lay out image tokens")
         pixels = [preprocess(im, vc, limits=limits) for im in imgs]
         grids = [image_token_grid(vc, px.shape[1], px.shape[2]) for px in pixels]
-        if len(runs) == len(imgs) and all(n == 1 for _, n in runs):  # one placeholder per image
+        n_tokens = sum(n for _, n in runs)
+        if vc.image_end_token_id not in p and n_tokens == len(imgs):  # one placeholder token per image
+            slots = [s + k for s, n in runs for k in range(n)]
             new: list[int] = []
             last = 0
-            for (s, _), g in zip(runs, grids):
+            for s, g in zip(slots, grids):
                 new += p[last:s] + g
                 last = s + 1
             p = new + p[last:]
         else:
             expanded = [t for t in _expanded_runs(p, vc)]
             if [len(g) for g in grids] != expanded:
-                raise ValueError(f"prompt {i} holds {len(runs)} image placeholder(s) ({sum(n for _, n in runs)} "
-                                 f"image tokens) for {len(imgs)} image(s): write one image token per image "
-                                 "(the chat template does) or each image's full token grid")
+                raise ValueError(f"prompt {i} holds {n_tokens} image token(s) for {len(imgs)} image(s): write one "
+                                 "image token per image (the chat template does) or each image's full token grid")
         if len(p) > model.config.max_seq_len:
             raise ValueError(f"prompt {i} with its images is {len(p)} tokens, over max_seq_len "
                              f"{model.config.max_seq_len}")

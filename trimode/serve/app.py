@@ -52,16 +52,27 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # None: the context minus one
     max_block_len: int = 64
     request_timeout: float = 300.0
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # `trimode serve` raises it for a vision-language model (cli.body_limit)
     body_timeout: float = 30.0  # seconds from a request's headers to the end of its body; then 408
     api_key: str | None = None  # when set, every route but /health needs "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] | None = None  # Host header allow-list (None: no check; see guard.py)
+    # Images (a vision-language model): per request, encoded bytes and decoded pixels per image.
+    max_images: int = 8
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
     created: int = field(default_factory=schemas.now)
 
     @property
     def prompt_limit(self) -> int:
         cap = self.context - 1
         return cap if self.max_prompt_tokens is None else min(self.max_prompt_tokens, cap)
+
+    @property
+    def image_limits(self):
+        from ..images import ImageLimits
+
+        return ImageLimits(max_images=self.max_images, max_bytes=self.max_image_bytes,
+                           max_pixels=self.max_image_pixels)
 
 
 def _error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
@@ -123,6 +134,8 @@ class AppState:
     tokenizer: Any
     settings: ServerSettings
     chat_stop: frozenset[int]  # end-of-turn ids added to the stop ids of chat requests
+    # Image features are computed off the event loop, one request at a time (beside the engine's worker).
+    image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     @classmethod
     def of(cls, request: Request) -> AppState:
@@ -344,7 +357,7 @@ def encode_completion(req: schemas.CompletionRequest, tokenizer, s: ServerSettin
 
 def encode_chat(req: schemas.ChatRequest, tokenizer, s: ServerSettings) -> list[int]:
     messages = req.chat_messages()
-    if sum(len(m["content"]) for m in messages) > 32 * s.prompt_limit + 64:
+    if req.text_chars() > 32 * s.prompt_limit + 64:
         raise APIError(400, f"the messages are far longer than the limit of {s.prompt_limit} tokens",
                        param="messages", code="context_length_exceeded")
     enable, _ = req.thinking()
@@ -356,6 +369,88 @@ def encode_chat(req: schemas.ChatRequest, tokenizer, s: ServerSettings) -> list[
     except Exception as e:  # noqa: BLE001 (jinja errors raised by the template on these messages)
         raise APIError(400, f"the chat template rejected these messages: {type(e).__name__}: {e}"[:300],
                        param="messages") from None
+
+
+# -- images ----------------------------------------------------------------------------------------
+def check_images(req: schemas._Common, chat: bool, model, s: ServerSettings) -> list[tuple[str, str]]:
+    """(param, url) of the request's images, after the checks that need no decoding: the model takes
+    images at all, and there are at most --max-images."""
+    images = req.image_urls() if chat else []
+    if not images:
+        return images
+    if getattr(model, "vision", None) is None:
+        raise APIError(400, "this model is text-only: it takes no images (image_url parts need a vision-language "
+                            "checkpoint)", param=images[0][0], code="images_not_supported")
+    if len(images) > s.max_images:
+        raise APIError(400, f"the request has {len(images)} images, over the limit of {s.max_images} per request "
+                            f"(--max-images)", param="messages", code="too_many_images")
+    return images
+
+
+def check_image_tokens(ids: list[int], images: list, chat: bool, model) -> None:
+    """The prompt holds exactly one image token per image: the chat template placed every image, and no
+    prompt without images carries image tokens (they would be decoded as plain embeddings)."""
+    tower = getattr(model, "vision", None)
+    if tower is None:
+        return
+    img = tower.config.image_token_id
+    n = sum(1 for t in ids if t == img)
+    if n == len(images):
+        return
+    if not chat:
+        raise APIError(400, f"the prompt holds {n} image token(s) (id {img}), but /v1/completions takes no images: "
+                            "send images as image_url parts of a user message to /v1/chat/completions",
+                       param="prompt", code="invalid_image_tokens")
+    raise APIError(400, f"the model's chat template did not place the {len(images)} image(s): it wrote {n} image "
+                        f"token(s) (id {img})", param="messages", code="invalid_image_tokens")
+
+
+def load_images(images: list[tuple[str, str]], s: ServerSettings) -> list:
+    """Each data: URL decoded into a PIL RGB image under the server's limits; the first bad one is a 4xx
+    naming its part: a remote URL (never fetched), bad base64 or image data, too many bytes (413) or
+    pixels."""
+    from ..images import ImageError, decode_data_url, load_image
+
+    limits = s.image_limits
+    out = []
+    for param, url in images:
+        try:
+            out.append(load_image(decode_data_url(url, limits=limits), limits=limits))
+        except ImageError as e:
+            raise image_error(param, url, e, s) from None
+    return out
+
+
+def image_error(param: str, url: str, e: Exception, s: ServerSettings) -> APIError:
+    text = str(e)
+    if url[:5].lower() != "data:":
+        return APIError(400, f"{param}: {text}", param=param, code="image_url_not_supported")
+    if "bytes" in text and f"limit of {s.max_image_bytes}" in text:
+        return APIError(413, f"{param}: {text} (--max-image-bytes)", param=param, code="image_too_large")
+    if "pixels" in text and f"limit of {s.max_image_pixels}" in text:
+        return APIError(400, f"{param}: {text} (--max-image-pixels)", param=param, code="image_too_many_pixels")
+    return APIError(400, f"{param}: {text}", param=param, code="invalid_image")
+
+
+def expanded_length(ids: list[int], pictures: list, model) -> int:
+    """The prompt's length once each image's placeholder is its token grid (what embed_prompts makes)."""
+    from ..images import resized_size
+    from ..vision import image_token_grid
+
+    vc = model.vision.config
+    grids = [image_token_grid(vc, *resized_size(vc, im.height, im.width)) for im in pictures]
+    return len(ids) - len(pictures) + sum(len(g) for g in grids)
+
+
+def embed_images(model, ids: list[int], pictures: list, s: ServerSettings) -> tuple[list[int], Any]:
+    """(the expanded prompt, its image features) from the vision tower (run in a worker thread)."""
+    from ..images import embed_prompts
+
+    try:
+        prompts, feats = embed_prompts(model, [ids], [pictures], limits=s.image_limits)
+    except ValueError as e:
+        raise APIError(400, f"cannot use these images: {e}"[:400], param="messages", code="invalid_image") from None
+    return prompts[0], feats[0]
 
 
 def thinking_budget(req, chat: bool, max_tokens: int, tokenizer) -> tuple | None:
@@ -385,9 +480,18 @@ async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, as
         # auto picks linear or ar by load; with the match rule both emit, for one seed, the same
         # samples of the same distributions, so a seed means one text whatever the load.
         samp = dataclasses.replace(samp, acceptance="match")
+    model = st.engine.model
+    images = check_images(req, chat, model, s)
     ids = await asyncio.to_thread(encode_chat if chat else encode_completion, req, st.tokenizer, s)
     if not ids:
         raise APIError(400, "the prompt encodes to zero tokens", param="messages" if chat else "prompt")
+    check_image_tokens(ids, images, chat, model)
+    feats = None
+    if images:  # decoded, and the expanded prompt's length checked, before the vision tower runs
+        pictures = await asyncio.to_thread(load_images, images, s)
+        budget(req, expanded_length(ids, pictures, model), s)
+        async with st.image_slots:
+            ids, feats = await asyncio.to_thread(embed_images, model, ids, pictures, s)
     max_tokens = budget(req, len(ids), s)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -399,7 +503,7 @@ async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, as
     stop_ids = frozenset(({eos} if eos is not None else set()) | (st.chat_stop if chat else set()))
     job = Job(prompt=ids, max_tokens=max_tokens, mode=mode, block_len=block_len, threshold=threshold,
               stop_ids=stop_ids, stops=stops, sink=sink, sampling=samp,
-              think=thinking_budget(req, chat, max_tokens, st.tokenizer))
+              think=thinking_budget(req, chat, max_tokens, st.tokenizer), image_embeds=feats)
     st.engine.submit(job)  # APIError 429 when the queue is full
     return req, job, queue
 

@@ -19,6 +19,14 @@ from ..modes import MODE_NAMES, SPECULATIVE_MODES
 FALLBACK_CROSSOVER = 8
 FALLBACK_BLOCK_LEN = DEFAULT_BLOCK_LEN  # one default for every command (trimode.models.default_block_len)
 SERVING_JSON = "serving.json"
+TEXT_BODY_BYTES = 1 << 20  # the request body limit of a text-only model
+
+
+def body_limit(max_images: int, max_image_bytes: int) -> int:
+    """The default body limit of a vision-language model: max_images images of max_image_bytes each as
+    base64 data: URLs (4 characters per 3 bytes, plus the URL's head), plus 1 MiB for the rest."""
+    per_image = 4 * -(-max_image_bytes // 3) + 64
+    return max_images * per_image + TEXT_BODY_BYTES
 
 
 def model_dir(name: str) -> Path:
@@ -110,7 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="distinct decoding configs (mode, block_len, threshold) run at once; others queue")
     lim.add_argument("--request-timeout", type=float, default=300.0,
                      help="seconds from arrival to the last token; then 408 (or an error event in a stream)")
-    lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    lim.add_argument("--max-body-bytes", type=int, default=None,
+                     help=f"larger request bodies get 413. Default: {TEXT_BODY_BYTES} (1 MiB) for a text-only model; "
+                          "for a vision-language model enough for --max-images images of --max-image-bytes each, "
+                          "base64-encoded, plus 1 MiB (8 x 10 MiB: 112897216). Given, it caps the whole body, "
+                          "images included")
+    lim.add_argument("--max-images", type=int, default=8,
+                     help="images per chat request (vision-language models); more get 400")
+    lim.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024,
+                     help="encoded bytes of one image (after base64 decoding); larger gets 413")
+    lim.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                     help="width x height of one decoded image, checked before its pixels are decoded; larger "
+                          "gets 400")
     lim.add_argument("--shutdown-grace", type=float, default=30.0,
                      help="seconds in-flight requests get after SIGTERM / SIGINT (new ones get 503); then the "
                           "rest end with a clean 503 and the server exits 0")
@@ -169,10 +188,12 @@ def build(args: argparse.Namespace):
         args.block_len = serving.get("block_len", FALLBACK_BLOCK_LEN)
     if args.spec_mode is None:
         args.spec_mode = serving.get("speculative_mode")
-    for name in ("max_running", "max_tokens_limit", "default_max_tokens", "max_block_len", "max_body_bytes",
-                 "block_len", "max_decoders"):
+    for name in ("max_running", "max_tokens_limit", "default_max_tokens", "max_block_len", "block_len",
+                 "max_decoders", "max_images", "max_image_bytes", "max_image_pixels"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if args.max_cycle_tokens is not None and args.max_cycle_tokens < 1:
         raise ValueError(f"--max-cycle-tokens must be >= 1, got {args.max_cycle_tokens}")
     if not args.max_cycle_cost >= 1:
@@ -204,14 +225,19 @@ def build(args: argparse.Namespace):
         m: default_block_len(model, m, path) for m in MODE_NAMES if m != "ar"}
     if block_lens:
         block_lens["auto"] = block_lens[args.spec_mode]
+    vision = getattr(model, "vision", None) is not None
+    max_body_bytes = args.max_body_bytes
+    if max_body_bytes is None:
+        max_body_bytes = body_limit(args.max_images, args.max_image_bytes) if vision else TEXT_BODY_BYTES
     settings = ServerSettings(
         model_name=args.served_model_name or (args.model if args.model in NAMES else path.name),
         context=c.max_seq_len, vocab_size=c.vocab_size,
         has_mask=c.mask_token_id is not None, default_mode=args.mode, default_block_len=args.block_len,
         block_lens=block_lens, default_threshold=args.threshold, default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
-        max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-        body_timeout=args.body_timeout,
+        max_block_len=args.max_block_len, request_timeout=args.request_timeout, max_body_bytes=max_body_bytes,
+        body_timeout=args.body_timeout, max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
         api_key=(args.api_key if args.api_key is not None else os.environ.get("TRIMODE_API_KEY")) or None,
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts.split(",")))
     if args.mode not in ("ar", "auto") and not settings.has_mask:

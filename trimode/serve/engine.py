@@ -110,6 +110,7 @@ class Job:
     sink: Callable[[Event], None]
     sampling: Any = None  # SamplingParams; None = greedy
     think: tuple | None = None  # (thinking budget, ids of <think>, ids of </think>) or None
+    image_embeds: Any = None  # a VLM prompt's image features (n_image_tokens, hidden), placed by the prefill
     # engine state
     cancelled: bool = False
     finished: bool = False
@@ -314,6 +315,8 @@ class Engine:
             try:
                 job.row = row_cls(job.prompt, max_new_tokens=job.max_tokens, stop_ids=job.stop_ids,
                                   index=0, sampling=job.sampling)
+                if job.image_embeds is not None:  # the prompt is already expanded (one token per feature)
+                    job.row.image_embeds = job.image_embeds
                 if job.think is not None:
                     from ..decode.thinking import ThinkState
 

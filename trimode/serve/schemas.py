@@ -147,9 +147,31 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted and ignored (one resolution here)
+
+
+class ImagePart(_Strict):
+    """`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (or the bare URL string
+    some clients send). Only data: URLs are used; remote URLs are refused, never fetched."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class Message(_Strict):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[Part] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -157,7 +179,10 @@ class Message(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
 
 
 class ChatTemplateArgs(_Strict):
@@ -187,10 +212,13 @@ class ChatRequest(_Common):
             budget = b if budget is None else budget
         return enable, budget
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The messages for the chat template. A message with images keeps its parts in order, text as
+        {"type": "text", "text"} and each image as {"type": "image"} (what VLM templates expect); any
+        other message has plain string content."""
         if not self.messages:
             raise APIError(400, "'messages' must hold at least one message", param="messages")
-        out = []
+        out: list[dict[str, Any]] = []
         for i, m in enumerate(self.messages):
             if m.role not in ROLES:
                 raise APIError(400, f"messages[{i}].role = {m.role!r:.40} is not one of {', '.join(ROLES)}",
@@ -198,8 +226,26 @@ class ChatRequest(_Common):
             if m.content is None and m.role != "assistant":
                 raise APIError(400, f"messages[{i}].content is required", param=f"messages[{i}].content")
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
+            if m.has_images():
+                if m.role != "user":
+                    j = next(j for j, p in enumerate(m.content) if isinstance(p, ImagePart))
+                    raise APIError(400, f"messages.{i}.content.{j}: images are accepted in user messages only "
+                                        f"(this is a {m.role} message)", param=f"messages.{i}.content.{j}")
+                out.append({"role": role, "content": [
+                    {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                    for p in m.content]})
+            else:
+                out.append({"role": role, "content": m.text()})
         return out
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        """(param, url) of every image part, in the order the chat template places them (param: its path,
+        dotted as pydantic names the part's own fields)."""
+        return [(f"messages.{i}.content.{j}.image_url", p.url) for i, m in enumerate(self.messages)
+                if isinstance(m.content, list) for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+
+    def text_chars(self) -> int:
+        return sum(len(m.text()) for m in self.messages)
 
 
 def parse(cls: type[_Common], data: Any) -> _Common:
@@ -209,13 +255,34 @@ def parse(cls: type[_Common], data: Any) -> _Common:
     try:
         req = cls.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False, include_input=False)[0]
-        loc = ".".join(str(x) for x in err["loc"]) or None
+        # The deepest error names the problem: for `content` given a list of parts, the part's bad
+        # field, not "content: Input should be a valid string" from the string branch of the union.
+        errs = [(_path(data, err["loc"]), err) for err in e.errors(include_url=False, include_input=False)]
+        path, err = max(errs, key=lambda x: len(x[0]))
+        loc = ".".join(str(x) for x in path) or None
         raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc) from None
     except (ValueError, TypeError, RecursionError) as e:  # pydantic internals on pathological input
         raise APIError(400, f"invalid request: {e}"[:300]) from None
     req.unsupported()
     return req
+
+
+def _path(data: Any, loc: tuple) -> list:
+    """A pydantic error location as a path into the request: the keys and indices that exist in the
+    body, without the labels pydantic adds for union branches ('str', 'list[...]', a tag, a class name);
+    a last key that the body lacks (a required field) stays."""
+    out: list = []
+    for k, key in enumerate(loc):
+        if isinstance(data, dict) and isinstance(key, str) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(data):
+            data = data[key]
+        elif k == len(loc) - 1 and isinstance(data, dict):
+            pass  # a missing field
+        else:
+            continue
+        out.append(key)
+    return out
 
 
 # -- responses ---------------------------------------------------------------------------------
