@@ -88,14 +88,15 @@ class Attention(nn.Module):
         self.k_proj = AdaptableLinear(c.hidden_size, c.kv_dim)
         self.v_proj = AdaptableLinear(c.hidden_size, c.kv_dim)
         self.o_proj = AdaptableLinear(c.q_dim, c.hidden_size)
-        self.qkv: torch.Tensor | None = None  # fuse_projections(): q, k, v weights in one matrix
+        self.qkv: FusedProjections | None = None  # fuse_projections(): q, k, v in one matmul
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int, *, adapter: str | None,
                 gate: torch.Tensor | None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        if self.qkv is not None and not _adapts(adapter, self.q_proj, self.k_proj, self.v_proj):
-            q, k, v = F.linear(x, self.qkv).split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
+        y = None if self.qkv is None else self.qkv(x, adapter, gate)
+        if y is not None:
+            q, k, v = y.split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x, adapter, gate), self.k_proj(x, adapter, gate), self.v_proj(x, adapter, gate)
         q = q.reshape(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -121,34 +122,93 @@ class MLP(nn.Module):
         self.gate_proj = AdaptableLinear(config.hidden_size, config.intermediate_size)
         self.up_proj = AdaptableLinear(config.hidden_size, config.intermediate_size)
         self.down_proj = AdaptableLinear(config.intermediate_size, config.hidden_size)
-        self.gate_up: torch.Tensor | None = None  # fuse_projections(): gate and up weights in one matrix
+        self.gate_up: FusedProjections | None = None  # fuse_projections(): gate and up in one matmul
 
     def forward(self, x: torch.Tensor, adapter: str | None, gate: torch.Tensor | None) -> torch.Tensor:
-        if self.gate_up is not None and not _adapts(adapter, self.gate_proj, self.up_proj):
-            g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        y = None if self.gate_up is None else self.gate_up(x, adapter, gate)
+        if y is not None:
+            g, u = y.chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u, adapter, gate)
         a = F.silu(self.gate_proj(x, adapter, gate)) * self.up_proj(x, adapter, gate)
         return self.down_proj(a, adapter, gate)
 
 
-def _adapts(adapter: str | None, *linears: AdaptableLinear) -> bool:
-    """Whether the call's adapter acts on any of these projections (then they run one by one)."""
-    return adapter is not None and any(adapter in m.adapters for m in linears)
+class FusedProjections:
+    """Several projections of the same input run as one matmul (inference, `fuse_projections`).
+
+    - no adapter on them: x W^T with W their weights stacked by rows (the projections' weights become
+      views of W: no extra memory);
+    - an adapter merged into every one of them (`merge_adapter`), no per-token gate: x W_a^T with W_a
+      their merged weights stacked the same way (the merged copies become views of it);
+    - an adapter with a per-token gate (quadratic forwards and the fused prefill, where drafted and
+      verified tokens share a forward): x W^T + gate * (x A^T) B^T, with A the adapters' A matrices
+      stacked (one small matmul) and B block-diagonal with the LoRA scales folded in. A token whose
+      gate is 0 gets x W^T exactly, as in an unadapted forward.
+    Returns None for a call it cannot serve (the caller then runs the projections one by one)."""
+
+    def __init__(self, linears: list[AdaptableLinear]) -> None:
+        self.linears = linears
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in linears], dim=0)
+        start = 0
+        for m in linears:
+            n = m.out_features
+            m.weight = nn.Parameter(self.weight[start:start + n], requires_grad=False)
+            start += n
+        self.names = set().union(*(m.adapters.keys() for m in linears))
+        self._mods = {n: [m.adapters[n] if n in m.adapters else None for m in linears] for n in self.names}
+        self.merged: dict[str, torch.Tensor] = {}
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in self.names:
+            if all(name in m.merged or name not in m.adapters for m in linears):
+                with torch.no_grad():
+                    w = torch.cat([m.merged.get(name, m.weight).detach() for m in linears], dim=0)
+                start = 0
+                for m in linears:
+                    if name in m.merged:
+                        m.merged[name] = w[start:start + m.out_features]
+                    start += m.out_features
+                self.merged[name] = w
+            self.lora[name] = self._stack_lora(name)
+
+    def _stack_lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ms = self.linears
+        r = [m.adapters[name].r if name in m.adapters else 0 for m in ms]
+        w = self.weight
+        A = torch.zeros(sum(r), w.shape[1], dtype=w.dtype, device=w.device)
+        B = torch.zeros(w.shape[0], sum(r), dtype=w.dtype, device=w.device)
+        row = col = 0
+        with torch.no_grad():
+            for m, k in zip(ms, r):
+                if k:
+                    lora = m.adapters[name]
+                    A[col:col + k] = lora.A.detach().to(w.dtype)
+                    B[row:row + m.out_features, col:col + k] = (lora.B.detach().float() * lora.scale).to(w.dtype)
+                row += m.out_features
+                col += k
+        return A, B
+
+    def __call__(self, x: torch.Tensor, adapter: str | None, gate: torch.Tensor | None) -> torch.Tensor | None:
+        if adapter is None:
+            return F.linear(x, self.weight)
+        now = [m.adapters[adapter] if adapter in m.adapters else None for m in self.linears]
+        if not any(now):
+            return F.linear(x, self.weight)
+        if adapter not in self.names or any(a is not b for a, b in zip(now, self._mods[adapter])):
+            return None  # attached or replaced after fusing: the projections run one by one
+        if gate is None and adapter in self.merged:
+            return F.linear(x, self.merged[adapter])
+        if gate is None:
+            return None
+        A, B = self.lora[adapter]
+        return F.linear(x, self.weight) + F.linear(F.linear(x, A), B) * gate
 
 
-def _fuse(linears: list[AdaptableLinear]) -> torch.Tensor | None:
-    """One matrix holding the weights of `linears` stacked by rows; their weights become views of it
-    (no extra memory; state dicts and adapters see the same values). None when any is quantized."""
+def _fuse(linears: list[AdaptableLinear]) -> FusedProjections | None:
+    """The projections `linears` fused (see FusedProjections); None when any is quantized."""
     if any(m.quantized is not None for m in linears):
         return None
-    with torch.no_grad():
-        w = torch.cat([m.weight.detach() for m in linears], dim=0)
-    start = 0
-    for m in linears:
-        n = m.out_features
-        m.weight = nn.Parameter(w[start:start + n], requires_grad=False)
-        start += n
-    return w
+    return FusedProjections(linears)
 
 
 class Block(nn.Module):
@@ -235,9 +295,10 @@ class Transformer(nn.Module):
         return x
 
     def fuse_projections(self) -> Transformer:
-        """Inference: q / k / v and gate / up each run as one matmul (calls without an adapter on them:
-        AR steps, verify passes); the projections' weights become views of the fused matrices. Not for
-        training (the views are frozen). Returns the model."""
+        """Inference: q / k / v and gate / up each run as one matmul (see FusedProjections: unadapted
+        calls, merged-adapter draft passes and gated quadratic forwards); the projections' weights
+        become views of the fused matrices. Call after the adapters are final (merged or not): an
+        adapter attached later runs unfused. Not for training (the views are frozen). Returns the model."""
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
             a.qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
