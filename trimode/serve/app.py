@@ -1,6 +1,7 @@
 """The FastAPI app: OpenAI-compatible routes over an `Engine`.
 
-Handlers only parse, validate, tokenize (in a thread: a long prompt must not stall the loop), submit a
+Handlers only parse, validate, tokenize (in a thread: a long prompt must not stall the loop), decode a
+chat request's images and compute their features (in a thread, one request at a time), submit a
 `Job` and then await events from an asyncio queue that the engine's worker fills through
 `loop.call_soon_threadsafe`. Every error a request can cause is an `APIError`, answered with a 4xx
 in the OpenAI shape {"error": {"message", "type", "param", "code"}}; 5xx means a bug.
@@ -134,7 +135,8 @@ class AppState:
     tokenizer: Any
     settings: ServerSettings
     chat_stop: frozenset[int]  # end-of-turn ids added to the stop ids of chat requests
-    # Image features are computed off the event loop, one request at a time (beside the engine's worker).
+    # Images are decoded and their features computed off the event loop, one request at a time (beside
+    # the engine's worker): bounded memory and CPU whatever the number of clients.
     image_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     @classmethod
@@ -147,6 +149,7 @@ def create_app(engine: Engine, tokenizer, settings: ServerSettings, *, manage_en
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.trimode.image_slots = asyncio.Semaphore(1)  # bound to the loop that serves
         if manage_engine:
             engine.start()
         try:
@@ -405,19 +408,27 @@ def check_image_tokens(ids: list[int], images: list, chat: bool, model) -> None:
                         f"token(s) (id {img})", param="messages", code="invalid_image_tokens")
 
 
-def load_images(images: list[tuple[str, str]], s: ServerSettings) -> list:
+def load_images(images: list[tuple[str, str]], s: ServerSettings, model) -> list:
     """Each data: URL decoded into a PIL RGB image under the server's limits; the first bad one is a 4xx
     naming its part: a remote URL (never fetched), bad base64 or image data, too many bytes (413) or
-    pixels."""
-    from ..images import ImageError, decode_data_url, load_image
+    pixels. Each is resized at once to the size preprocessing gives it (the same resize, so the same
+    pixels), so that a request holds at most one full-size decoded image at a time."""
+    from PIL import Image
+
+    from ..images import ImageError, decode_data_url, load_image, resized_size
 
     limits = s.image_limits
+    vc = model.vision.config
     out = []
     for param, url in images:
         try:
-            out.append(load_image(decode_data_url(url, limits=limits), limits=limits))
+            im = load_image(decode_data_url(url, limits=limits), limits=limits)
         except ImageError as e:
             raise image_error(param, url, e, s) from None
+        H, W = resized_size(vc, im.height, im.width)
+        if (H, W) != (im.height, im.width) and resized_size(vc, H, W) == (H, W):
+            im = im.resize((W, H), resample=Image.BICUBIC)
+        out.append(im)
     return out
 
 
@@ -487,10 +498,10 @@ async def submit(request: Request, chat: bool) -> tuple[schemas._Common, Job, as
         raise APIError(400, "the prompt encodes to zero tokens", param="messages" if chat else "prompt")
     check_image_tokens(ids, images, chat, model)
     feats = None
-    if images:  # decoded, and the expanded prompt's length checked, before the vision tower runs
-        pictures = await asyncio.to_thread(load_images, images, s)
-        budget(req, expanded_length(ids, pictures, model), s)
+    if images:  # one request's images at a time: decoded, the expanded length checked, then the tower
         async with st.image_slots:
+            pictures = await asyncio.to_thread(load_images, images, s, model)
+            budget(req, expanded_length(ids, pictures, model), s)
             ids, feats = await asyncio.to_thread(embed_images, model, ids, pictures, s)
     max_tokens = budget(req, len(ids), s)
     loop = asyncio.get_running_loop()

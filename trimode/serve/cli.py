@@ -288,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     print(f"trimode serve: at most {cfg.max_cycle_tokens} tokens per forward ({engine.cycle_source})",
           file=sys.stderr, flush=True)
+    if getattr(engine.model, "vision", None) is not None:
+        print(f"trimode serve: images (data: URLs only): up to {settings.max_images} per chat request, "
+              f"{settings.max_image_bytes} bytes and {settings.max_image_pixels} pixels each; request bodies up to "
+              f"{settings.max_body_bytes} bytes", file=sys.stderr, flush=True)
     if getattr(engine.model, "quantization", None):
         from ..cli import describe_quantization
 

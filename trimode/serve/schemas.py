@@ -257,7 +257,8 @@ def parse(cls: type[_Common], data: Any) -> _Common:
     except ValidationError as e:
         # The deepest error names the problem: for `content` given a list of parts, the part's bad
         # field, not "content: Input should be a valid string" from the string branch of the union.
-        errs = [(_path(data, err["loc"]), err) for err in e.errors(include_url=False, include_input=False)]
+        errs = [(_path(data, err["loc"], err["type"] == "missing"), err)
+                for err in e.errors(include_url=False, include_input=False)[:16]]
         path, err = max(errs, key=lambda x: len(x[0]))
         loc = ".".join(str(x) for x in path) or None
         raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc) from None
@@ -267,22 +268,35 @@ def parse(cls: type[_Common], data: Any) -> _Common:
     return req
 
 
-def _path(data: Any, loc: tuple) -> list:
+_ABSENT = object()
+
+
+def _path(data: Any, loc: tuple, missing: bool = False) -> list:
     """A pydantic error location as a path into the request: the keys and indices that exist in the
     body, without the labels pydantic adds for union branches ('str', 'list[...]', a tag, a class name);
-    a last key that the body lacks (a required field) stays."""
-    out: list = []
-    for k, key in enumerate(loc):
-        if isinstance(data, dict) and isinstance(key, str) and key in data:
-            data = data[key]
-        elif isinstance(data, list) and isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(data):
-            data = data[key]
-        elif k == len(loc) - 1 and isinstance(data, dict):
-            pass  # a missing field
-        else:
-            continue
-        out.append(key)
-    return out
+    with `missing` (a required field left out), a last key that the body lacks stays. A label can
+    equal a key (the tag 'image_url' of an image part), so of the ways to read the location the one
+    that reaches its last segment, then the one that uses most of it, wins."""
+
+    def best(node: Any, i: int) -> tuple[bool, int, list]:
+        if i == len(loc):
+            return False, 0, []
+        key, last = loc[i], i == len(loc) - 1
+        options = []
+        child = _ABSENT
+        if isinstance(node, dict) and isinstance(key, str) and key in node:
+            child = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(node):
+            child = node[key]
+        if child is not _ABSENT:
+            done, n, rest = best(child, i + 1)
+            options.append((done or last, n + 1, [key, *rest]))
+        elif last and missing and isinstance(node, dict) and isinstance(key, str):
+            options.append((True, 1, [key]))  # a missing field
+        options.append(best(node, i + 1))  # a label: skip it
+        return max(options, key=lambda o: (o[0], o[1]))
+
+    return best(data, 0)[2]
 
 
 # -- responses ---------------------------------------------------------------------------------
