@@ -279,3 +279,31 @@ def test_cli_generate_with_images_every_speculative_mode_equals_ar(vlm_dirs, tmp
     bad.write_bytes(b"\x89PNG not really")
     assert main(["generate", "--model", str(vlm_dirs["merge2"]), "--image", str(bad), "--prompt", "x"]) == 2
     assert "corrupt" in capsys.readouterr().err or "supported format" in capsys.readouterr().err
+
+
+def test_an_nld_layout_vlm_loads_the_same_model(vlm_dirs, tmp_path):
+    """NLD names the text tower encoder.* + diffusion_head.weight (model_type nemotron_labs_diffusion);
+    a VLM in that layout keeps vision_tower.* / multi_modal_projector.* beside it, with the text fields at
+    the top of config.json. It must load as the same model."""
+    from safetensors.torch import load_file, save_file
+
+    src = vlm_dirs["merge2"]
+    conf = json.loads((src / "config.json").read_text())
+    flat = {**conf["text_config"], **{k: v for k, v in conf.items() if k != "text_config"},
+            "model_type": "nemotron_labs_diffusion", "architectures": ["NemotronLabsDiffusionVLM"]}
+    w = load_file(src / "model.safetensors")
+    renamed = {("encoder." + k[len("language_model.model."):] if k.startswith("language_model.model.")
+                else "diffusion_head.weight" if k in ("lm_head.weight", "language_model.lm_head.weight") else k): v
+               for k, v in w.items()}
+    nld = tmp_path / "nld-vlm"
+    nld.mkdir()
+    save_file(renamed, nld / "model.safetensors")
+    (nld / "config.json").write_text(json.dumps(flat))
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        shutil.copy(src / f, nld / f)
+    a, b = _load(src), _load(nld)
+    assert b.vision is not None and b.vision.config == a.vision.config
+    im = _img(30, 40, seed=12)
+    ga = trimode.generate(a, [[1, IMG, 70, 71]], images=[[im]], mode="linear", max_new_tokens=10, block_len=4)[0]
+    gb = trimode.generate(b, [[1, IMG, 70, 71]], images=[[im]], mode="linear", max_new_tokens=10, block_len=4)[0]
+    assert ga.tokens == gb.tokens

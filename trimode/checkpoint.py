@@ -108,7 +108,7 @@ def weight_entries(path: Path) -> dict[str, TensorEntry]:
 
 
 def map_names(
-    entries: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]], where: Path
+    entries: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]], where: Path, *, vision: bool = False
 ) -> dict[str, str]:
     """Our parameter name -> stored name. Raises on missing, extra, duplicated or misshapen tensors."""
     bodies = [p for p in BODY_PREFIXES if p + "embed_tokens.weight" in entries]
@@ -117,7 +117,9 @@ def map_names(
         problem = "missing tensor" if not bodies else "ambiguous layout, several of"
         raise ValueError(f"{where}: {problem} {want}")
     body = bodies[0]
-    vision_ok = body in ("language_model.model.", "model.language_model.")
+    # a VLM's vision side is loaded on its own (load_vision): where config.json describes it, or in the
+    # VLM text-tower layouts (whose vision tensors are skipped when the config has no vision_config)
+    vision_ok = vision or body in ("language_model.model.", "model.language_model.")
     mapping: dict[str, str] = {}
     extra = []
     for stored in entries:
@@ -202,7 +204,8 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(config.replace(tie_word_embeddings=False) if untie_check else config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    mapping = map_names(entries, expected, path)
+    mapping = map_names(entries, expected, path, vision=isinstance(read_json(path / "config.json").get("vision_config"),
+                                                                   dict))
     for stored in mapping.values():  # an integer tensor cast to float would load as silent garbage
         if entries[stored].dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{entries[stored].file}: tensor {stored!r} is stored as {entries[stored].dtype}; "
