@@ -247,6 +247,10 @@ class Transformer(nn.Module):
         self._compiled = None
         self.compile_max_tokens = 0
         self._vision: list = []  # a VLM's vision tower (trimode.vision), held outside the module tree
+        # set_draft_vocab(): the token ids draft passes score (None: the whole vocabulary), and the
+        # gathered rows of the output head for them (rebuilt when the head's weights change).
+        self.draft_vocab: torch.Tensor | None = None
+        self._draft_rows: tuple | None = None
 
     @property
     def vision(self):
@@ -272,6 +276,46 @@ class Transformer(nn.Module):
 
     def adapter_names(self) -> set[str]:
         return adapter_names(self)
+
+    def set_draft_vocab(self, ids) -> Transformer:
+        """Score draft passes over these token ids only (None: the whole vocabulary again).
+
+        A draft pass needs the output head for its proposals alone, and on a memory-bound forward
+        the head's weights are a large share of the bytes read (SmolLM2-135M: 49152 x 576, a fifth
+        of the model). With a draft vocabulary the draft head reads only those rows and every other
+        token gets -inf, so a token outside it is never drafted. Verify passes, AR steps and
+        diffusion keep the whole vocabulary, so greedy output is unchanged and sampling stays lossless
+        (the draft distribution q is a distribution over the subset, which the acceptance rules allow).
+        """
+        if ids is None:
+            self.draft_vocab, self._draft_rows = None, None
+            return self
+        t = torch.as_tensor(ids)
+        if t.dim() != 1 or t.numel() == 0 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError("a draft vocabulary is a non-empty 1-d list of integer token ids")
+        t = torch.unique(t.long())  # sorted, no repeats
+        V = self.config.vocab_size
+        if int(t[0]) < 0 or int(t[-1]) >= V:
+            raise ValueError(f"draft vocabulary ids must lie in [0, {V}); got {int(t[0])} .. {int(t[-1])}")
+        self.draft_vocab, self._draft_rows = t, None
+        return self
+
+    def draft_head(self, h: torch.Tensor, *, adapter: str | None = None,
+                   gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (..., V) of a draft pass's final-normed hidden states: `head`, restricted to
+        `draft_vocab` when one is set (other ids -inf). An untied head with an adapter of its own in
+        this pass keeps the whole head (its adapted rows are not gathered)."""
+        if self.draft_vocab is None or (self.lm_head is not None and adapter in self.lm_head.adapters):
+            return self.head(h, adapter=adapter, gate=gate)
+        w = self.head_weight()
+        key = (w.data_ptr(), w.dtype, w.device, w._version)
+        if self._draft_rows is None or self._draft_rows[0] != key:
+            ids = self.draft_vocab.to(w.device)
+            self._draft_rows = (key, ids, w.detach().index_select(0, ids))
+        _, ids, rows = self._draft_rows
+        sub = F.linear(h, rows.to(h.dtype))
+        out = sub.new_full((*h.shape[:-1], self.config.vocab_size), float("-inf"))
+        return out.index_copy_(-1, ids, sub)
 
     def _trunk(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import draftvocab
 from ._io import atomic_dir, load_tensors, read_header, read_json, save_tensors, write_json
 from .lora import AdaptableLinear
 from .model import Transformer
@@ -146,11 +147,14 @@ def load_adapter(model: Transformer, path: str | Path, *, name: str = "draft") -
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{wfile}: {key} holds non-finite values")
+    vocab = draftvocab.read(path, model.config.vocab_size)  # the drafter's token subset, if it has one
     for module, r, alpha in plan:
         lora = mods[module].add_adapter(name, r, alpha)
         with torch.no_grad():
             lora.A.copy_(tensors[pairs[module]["A"]])
             lora.B.copy_(tensors[pairs[module]["B"]])
+    if vocab is not None:
+        model.set_draft_vocab(vocab)
     return model
 
 
@@ -206,6 +210,8 @@ def write_adapter(
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / ADAPTER_CONFIG, cfg)
     save_tensors(tensors, path / ADAPTER_WEIGHTS)
+    if getattr(model, "draft_vocab", None) is not None:  # the drafter's token subset travels with it
+        draftvocab.write(path, model.draft_vocab, vocab_size=model.config.vocab_size)
 
 
 def save_adapter(model: Transformer, name: str, path: str | Path) -> None:

@@ -74,10 +74,10 @@ class LinearDecoder(Decoder):
         canvas = torch.full((newest.shape[0], K), c.mask_token_id, dtype=torch.long, device=self.dev)
         canvas[:, 0] = newest
         want = pred_slots(torch.arange(1, K, device=self.dev), c.dlm_type).expand(newest.shape[0], K - 1)
-        logits = self.model(canvas, self.positions(torch.arange(K, device=self.dev)), cache=self.cache,
-                            mask=self.prefix_mask(masks.bidirectional(K, device=self.dev)), adapter=self.adapter,
-                            logits_at=want)
-        return exclude_mask(logits, c.mask_token_id)
+        h, gate = self.model(canvas, self.positions(torch.arange(K, device=self.dev)), cache=self.cache,
+                             mask=self.prefix_mask(masks.bidirectional(K, device=self.dev)), adapter=self.adapter,
+                             logits_at=want, hidden=True)
+        return exclude_mask(self.model.draft_head(h, adapter=self.adapter, gate=gate), c.mask_token_id)
 
     def _cycle(self) -> list[Step]:
         s, sampler = self.state, self.sampler()

@@ -1,0 +1,152 @@
+"""Draft vocabularies: draft passes score a token subset; verify passes keep the whole vocabulary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny import PROMPTS, tiny_model
+
+from trimode import draftvocab, generate
+from trimode.peft import load_adapter, save_adapter
+
+
+def test_draft_head_over_every_id_is_the_head_and_a_subset_masks_the_rest():
+    m = tiny_model(adapter=True)
+    h = torch.randn(2, 3, m.config.hidden_size, dtype=torch.float64)
+    full = m.head(h)
+    m.set_draft_vocab(torch.arange(m.config.vocab_size))
+    assert torch.equal(m.draft_head(h), full)
+    ids = torch.tensor([3, 17, 40, 41, 90])
+    m.set_draft_vocab(ids.flip(0).tolist() + [17])  # any order, repeats folded
+    got = m.draft_head(h)
+    assert torch.equal(m.draft_vocab, ids)
+    assert torch.equal(got[..., ids], full[..., ids])
+    outside = torch.ones(m.config.vocab_size, dtype=torch.bool)
+    outside[ids] = False
+    assert torch.isneginf(got[..., outside]).all()
+    m.set_draft_vocab(None)
+    assert torch.equal(m.draft_head(h), full)
+
+
+def test_draft_rows_follow_the_weights():
+    m = tiny_model()
+    m.set_draft_vocab([1, 2, 5])
+    h = torch.randn(1, 1, m.config.hidden_size, dtype=torch.float64)
+    before = m.draft_head(h)
+    with torch.no_grad():
+        m.head_weight().mul_(2.0)  # in place (training, loading): the gathered rows must not go stale
+    assert torch.allclose(m.draft_head(h)[..., [1, 2, 5]], 2 * before[..., [1, 2, 5]])
+    m.to(torch.float32)
+    assert m.draft_head(h.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dlm_type", ["llada", "dream"])
+@pytest.mark.parametrize("mode,kw", [("linear", {"block_len": 4}), ("linear", {"block_len": 6, "tree_nodes": 10}),
+                                     ("quadratic", {"block_len": 3})])
+def test_greedy_with_a_draft_vocab_equals_ar_and_drafts_stay_inside(dlm_type, mode, kw):
+    m = tiny_model(dlm_type=dlm_type, adapter=True, eos=7)
+    ref = generate(m, PROMPTS, mode="ar", max_new_tokens=40)
+    out = sorted({t for g in ref for t in g.tokens})
+    m.set_draft_vocab([i for i in range(96) if i not in out[::2]])  # without half of what AR writes
+    got = generate(m, PROMPTS, mode=mode, max_new_tokens=40, **kw)
+    assert [g.tokens for g in got] == [g.tokens for g in ref]
+
+
+@pytest.mark.parametrize("mode,kw", [("linear", {"block_len": 6}), ("linear", {"block_len": 6, "tree_nodes": 12}),
+                                     ("quadratic", {"block_len": 4})])
+def test_a_model_that_drafts_keeps_its_output_and_loses_only_the_excluded_drafts(mode, kw):
+    from trimode.checkpoint import load_model
+    from trimode.models import BUNDLED
+
+    m = load_model(BUNDLED, dtype=torch.float32)
+    prompts = [[5, 60, 61, 62, 9, 300, 301], [70, 71, 72, 73], [400, 401, 402, 9, 403]]
+    ref = generate(m, prompts, mode="ar", max_new_tokens=32)
+    full = generate(m, prompts, mode=mode, max_new_tokens=32, **kw)
+    written = torch.bincount(torch.tensor([t for g in ref for t in g.tokens]), minlength=m.config.vocab_size)
+    # Every token AR writes here: a draft changes only where it was a token AR never writes (wrong).
+    m.set_draft_vocab(torch.nonzero(written).flatten())
+    same = generate(m, prompts, mode=mode, max_new_tokens=32, **kw)
+    m.set_draft_vocab(torch.nonzero(written == 0).flatten())  # none of them: no draft can be accepted
+    none = generate(m, prompts, mode=mode, max_new_tokens=32, **kw)
+    assert [g.tokens for g in same] == [g.tokens for g in none] == [g.tokens for g in full] == [g.tokens for g in ref]
+    nfe = lambda gs: sum(g.stats["nfe"] for g in gs)  # noqa: E731
+    assert nfe(same) <= nfe(full) < nfe(none)
+    assert max(a for g in full for a in g.stats["acceptance"]) >= 2
+    assert max(a for g in none for a in g.stats["acceptance"]) == 1
+
+
+def test_linear_drafts_are_drawn_from_the_subset_only():
+    from trimode.decode import DecodeConfig, Row, make_decoder
+
+    m = tiny_model(adapter=True)
+    keep = list(range(0, 96, 3))
+    m.set_draft_vocab(keep)
+    dec = make_decoder(m, "linear", DecodeConfig(max_new_tokens=16, block_len=5))
+    dec.admit([Row(p, max_new_tokens=16, index=i) for i, p in enumerate(PROMPTS)])
+    seen = []
+    while not dec.idle:
+        dec.cycle()
+        if dec.state is not None and hasattr(dec.state, "drafts") and dec.running:
+            seen.append(dec.draft_logits(dec.state.newest, 5).argmax(-1))
+    assert seen and all(set(s.flatten().tolist()) <= set(keep) for s in seen)
+
+
+def test_rejection_sampling_with_a_draft_vocab_is_lossless():
+    from test_sampling_e2e import KW, N_SAMPLES, PROMPT, _pvalue, _tuples
+
+    m = tiny_model(adapter=True)
+    ar = generate(m, [PROMPT] * N_SAMPLES, mode="ar", max_new_tokens=3, seed=0, **KW)
+    # Drop half of the tokens AR samples most: q is then 0 where p is large (the residual covers it).
+    common = torch.bincount(torch.tensor([t for g in ar for t in g.tokens]), minlength=96).argsort(descending=True)
+    m.set_draft_vocab([i for i in range(96) if i not in set(common[:8:2].tolist())])
+    for mode in ("linear", "quadratic"):
+        gens = generate(m, [PROMPT] * N_SAMPLES, mode=mode, max_new_tokens=3, block_len=4, seed=N_SAMPLES,
+                        acceptance="rejection", **KW)
+        assert _pvalue(_tuples(ar), _tuples(gens)) >= 1e-3
+
+
+@pytest.mark.parametrize("bad,match", [([], "non-empty"), ([1.5], "integer"), ([0, 96], r"\[0, 96\)"),
+                                       ([-1], r"\[0, 96\)"), ([[1, 2]], "1-d")])
+def test_bad_draft_vocabularies(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model().set_draft_vocab(bad)
+
+
+def test_from_counts_and_coverage():
+    counts = torch.tensor([0, 5, 9, 9, 1, 0, 3])
+    assert draftvocab.from_counts(counts, 3).tolist() == [1, 2, 3]  # 9, 9, 5
+    assert draftvocab.from_counts(counts, 3, keep=[4], drop=[2]).tolist() == [1, 3, 4, 6]
+    assert draftvocab.from_counts(counts, 100).tolist() == [1, 2, 3, 4, 6]  # never a token that was not seen
+    assert draftvocab.coverage(torch.tensor([1, 2]), torch.tensor([1, 1, 2, 3]), 7) == 0.75
+    with pytest.raises(ValueError, match="size"):
+        draftvocab.from_counts(counts, 0)
+
+
+def test_the_vocab_travels_with_the_adapter(tmp_path):
+    m = tiny_model(adapter=True)
+    m.set_draft_vocab([2, 4, 8])
+    save_adapter(m, "draft", tmp_path / "a")
+    body = json.loads((tmp_path / "a" / draftvocab.FILE).read_text())
+    assert body["ids"] == [2, 4, 8] and body["vocab_size"] == 96
+    fresh = tiny_model()
+    load_adapter(fresh, tmp_path / "a")
+    assert fresh.draft_vocab.tolist() == [2, 4, 8]
+
+
+@pytest.mark.parametrize("body,match", [
+    ("{not json", "not valid JSON"),
+    ('{"format": 2, "vocab_size": 96, "ids": [1]}', "format 1"),
+    ('{"format": 1, "vocab_size": 49152, "ids": [1]}', "another model"),
+    ('{"format": 1, "vocab_size": 96, "ids": [1, 200]}', "token ids"),
+    ('{"format": 1, "vocab_size": 96, "ids": [true]}', "token ids"),
+])
+def test_a_bad_vocab_file_is_a_clear_error_and_leaves_the_model_alone(tmp_path, body, match):
+    m = tiny_model(adapter=True)
+    save_adapter(m, "draft", tmp_path / "a")
+    (tmp_path / "a" / draftvocab.FILE).write_text(body)
+    fresh = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        load_adapter(fresh, tmp_path / "a")
+    assert fresh.draft_vocab is None and "draft" not in fresh.adapter_names()
