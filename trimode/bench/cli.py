@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quadratic-ks", type=_ints, default=[8, 16])
     p.add_argument("--accept", type=_floats, default=[2.0, 3.0, 5.46, 6.82], help="synthetic: acceptance lengths")
     p.add_argument("--device", default="cpu")
-    from ..cli import COMPILE_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
+    from ..cli import COMPILE_HELP, FULL_DRAFT_VOCAB_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    p.add_argument("--full-draft-vocab", action="store_true", help=FULL_DRAFT_VOCAB_HELP)
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--dtype", default=None,
                    help="float32 | bfloat16 | auto (fastest here) (default: stored; synthetic: bf16 on cuda)")
@@ -188,7 +189,7 @@ def load(args: argparse.Namespace):
     path = resolve_model(args.model)
     args.model_path = path
     model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
-                                     quantize=args.quantize))
+                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab)
     if args.compile:
         model.compile_decode()  # compiled during the warm-up, before anything is timed
     tok = load_tokenizer(path)

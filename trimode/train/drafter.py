@@ -80,6 +80,7 @@ class DrafterConfig:
     resume: bool = True  # continue from OUT/trainer_state.pt when an interrupted run left one
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda: where the model trains and generates
     init_adapter: str | None = None  # start from this adapter's weights (its targets, rank, alpha)
+    draft_vocab: int = 0  # > 0: also write a draft vocabulary of this many ids (trimode.draftvocab)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -264,7 +265,8 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
     bad = [f"{k} must be >= {lo}, got {v}" for k, v, lo in (
         ("--steps", cfg.steps, 1), ("--batch", cfg.batch, 1), ("--blocks-per-seq", cfg.blocks_per_seq, 1),
         ("--save-every", cfg.save_every, 0), ("--n-prompts", cfg.n_prompts, 1), ("--new-tokens", cfg.new_tokens, 1),
-        ("--rank", cfg.rank if cfg.rank is not None else 1, 1), ("--block-len", min(cfg.block_lens or (0,)), 2))
+        ("--rank", cfg.rank if cfg.rank is not None else 1, 1), ("--block-len", min(cfg.block_lens or (0,)), 2),
+        ("--draft-vocab", cfg.draft_vocab, 0))
         if v < lo]
     if not cfg.lr > 0:
         bad.append(f"--lr must be > 0, got {cfg.lr}")
@@ -287,6 +289,7 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         raise ValueError("the model has no mask token: it cannot draft")
     for p in model.parameters():
         p.requires_grad_(False)
+    model.set_draft_vocab(None)  # a loaded drafter's token subset is not the new adapter's
     if DRAFT in model.adapter_names():
         log(f"note: {mdir} already has a draft adapter; training a {'new' if cfg.init_adapter else 'fresh'} "
             "one in its place")
@@ -364,12 +367,24 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         log(f"stopped by {stop.name} at step {done}; {where}; run the same command again to resume")
         return {"out": str(out), "stopped": stop.name, "step": done, "steps": cfg.steps}
     model.eval()
+    vocab_note = None
+    if cfg.draft_vocab:
+        from .. import draftvocab
+
+        targets_seen = seqs.tokens[seqs.valid.bool()]
+        ids = draftvocab.from_counts(torch.bincount(targets_seen.reshape(-1), minlength=c.vocab_size), cfg.draft_vocab,
+                                     keep=[c.eos_token_id], drop=[c.mask_token_id])
+        model.set_draft_vocab(ids)
+        vocab_note = {"size": int(ids.numel()), "training_coverage":
+                      round(draftvocab.coverage(ids, targets_seen, c.vocab_size), 5)}
+        log(f"draft vocabulary: {vocab_note['size']} ids cover {vocab_note['training_coverage']:.2%} of the "
+            f"{targets_seen.numel():,} self-distilled target tokens")
     save_adapter(model, DRAFT, out)  # the finished adapter replaces the last periodic one (and its state)
     meta = {"model": str(mdir), "init_adapter": cfg.init_adapter, "targets": list(targets), "r": rank, "alpha": alpha,
             "trainable_params": n_params, "steps": cfg.steps, "block_lens": list(cfg.block_lens),
             "prompts": len(prompts), "new_tokens": cfg.new_tokens, "kl_weight": cfg.kl_weight,
             "ce_weight": cfg.ce_weight, "lr": cfg.lr, "batch": cfg.batch, "blocks_per_seq": cfg.blocks_per_seq,
-            "seconds": history[-1]["seconds"], "first": history[0], "last": history[-1]}
+            "seconds": history[-1]["seconds"], "first": history[0], "last": history[-1], "draft_vocab": vocab_note}
     (out / "training.json").write_text(json.dumps({**meta, "history": history}) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"saved adapter to {out} ({size / 1e6:.2f} MB)")
@@ -415,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over even if OUT holds the state of an interrupted run")
     p.add_argument("--init-adapter", default=None,
                    help="continue training from this adapter dir (its targets, rank and alpha; new optimizer)")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="also write draft_vocab.json: the N tokens the self-distilled targets use most, which "
+                        "draft passes then score alone (a cheaper draft head; docs/speculation.md) (default: off)")
     p.add_argument("--json", action="store_true", help="print a JSON summary line at the end")
     return p
 
@@ -430,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         gen_dtype=args.gen_dtype,
         seed=args.seed,
         log_every=args.log_every, data_cache=args.data_cache, save_every=args.save_every,
-        resume=not args.no_resume, init_adapter=args.init_adapter,
+        resume=not args.no_resume, init_adapter=args.init_adapter, draft_vocab=args.draft_vocab,
     )
     try:
         res = train_drafter(cfg, log=lambda s: print(s, file=sys.stderr if args.json else sys.stdout, flush=True))
