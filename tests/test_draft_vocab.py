@@ -150,3 +150,23 @@ def test_a_bad_vocab_file_is_a_clear_error_and_leaves_the_model_alone(tmp_path, 
     with pytest.raises(ValueError, match=match):
         load_adapter(fresh, tmp_path / "a")
     assert fresh.draft_vocab is None and "draft" not in fresh.adapter_names()
+
+
+def test_corpus_counts_use_training_splits_only(tmp_path):
+    class Chars:  # one token per character
+        def encode(self, s):
+            return [ord(ch) % 128 for ch in s]
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "mbpp").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(json.dumps({"question": "Q", "answer": "A"}) + "\n")
+    (tmp_path / "mbpp" / "mbpp.jsonl").write_text(
+        json.dumps({"task_id": 600, "text": "T", "code": "C"}) + "\n"
+        + json.dumps({"task_id": 100, "text": "Z", "code": "Z"}) + "\n")  # a held-out test task
+    c = draftvocab.corpus_counts(Chars(), 128, data=tmp_path, stdlib=False)
+    assert set(c) == {"data"}
+    for ch in "QATC":
+        assert c["data"][ord(ch)] >= 1
+    assert c["data"][ord("Z")] == sum(t.count("Z") for t in __import__("trimode").prompts.chat_train_texts())
+    mix = draftvocab.mixture(torch.tensor([2.0, 0, 2]), torch.tensor([0.0, 10, 0]))
+    assert torch.allclose(mix, torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64))

@@ -372,8 +372,9 @@ def train_drafter(cfg: DrafterConfig, *, log=print) -> dict[str, Any]:
         from .. import draftvocab
 
         targets_seen = seqs.tokens[seqs.valid.bool()]
-        ids = draftvocab.from_counts(torch.bincount(targets_seen.reshape(-1), minlength=c.vocab_size), cfg.draft_vocab,
-                                     keep=[c.eos_token_id], drop=[c.mask_token_id])
+        corpus = draftvocab.corpus_counts(tok, c.vocab_size, log=log)
+        score = draftvocab.mixture(torch.bincount(targets_seen.reshape(-1), minlength=c.vocab_size), *corpus.values())
+        ids = draftvocab.from_counts(score, cfg.draft_vocab, keep=[c.eos_token_id], drop=[c.mask_token_id])
         model.set_draft_vocab(ids)
         vocab_note = {"size": int(ids.numel()), "training_coverage":
                       round(draftvocab.coverage(ids, targets_seen, c.vocab_size), 5)}
@@ -431,8 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-adapter", default=None,
                    help="continue training from this adapter dir (its targets, rank and alpha; new optimizer)")
     p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
-                   help="also write draft_vocab.json: the N tokens the self-distilled targets use most, which "
-                        "draft passes then score alone (a cheaper draft head; docs/speculation.md) (default: off)")
+                   help="also write draft_vocab.json: the N tokens ranked first by their frequency in the "
+                        "self-distilled targets, the training splits and the Python stdlib (trimode.draftvocab), "
+                        "which draft passes then score alone: a cheaper draft head (docs/speculation.md) "
+                        "(default: off)")
     p.add_argument("--json", action="store_true", help="print a JSON summary line at the end")
     return p
 
