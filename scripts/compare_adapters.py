@@ -2,6 +2,7 @@
 
     python scripts/compare_adapters.py ADAPTER_DIR [ADAPTER_DIR ...] [--model smollm2] [--prompts 3]
         [--max-new-tokens 64] [--modes linear:8:12,quadratic:3] [--dtype bfloat16]
+    python scripts/compare_adapters.py shipped shipped:full-vocab     # the draft vocabulary on and off
 
 Each adapter is loaded onto its own copy of the model (base weights shared on disk, not in memory);
 "shipped" names the adapter shipped with the model. Every prompt runs AR once, then each
@@ -18,7 +19,8 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("adapters", nargs="+", help="adapter dirs (PEFT), or 'shipped'")
+    p.add_argument("adapters", nargs="+", help="adapter dirs (PEFT), or 'shipped'; ADAPTER:full-vocab drafts over "
+                                               "the whole vocabulary even where the adapter has a draft_vocab.json")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--prompts", type=int, default=3, help="per category")
     p.add_argument("--categories", default="coding,math,chat")
@@ -42,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for a in args.adapters:
         m = load_model(path, dtype=args.dtype)
-        if a != "shipped":
-            load_adapter(m, a, name="draft")
-        models[a] = for_inference(m)
+        where, _, opt = a.partition(":")
+        if opt not in ("", "full-vocab"):
+            p.error(f"{a}: the only option after ':' is full-vocab")
+        if where != "shipped":
+            m.set_draft_vocab(None)  # the adapter's own draft vocabulary, if it has one, comes with it
+            load_adapter(m, where, name="draft")
+        models[a] = for_inference(m, draft_vocab=opt != "full-vocab")
     suites = build_suites(tok, categories=args.categories.split(","), n=args.prompts, chat=True)
     modes = []
     for spec in args.modes.split(","):

@@ -118,6 +118,8 @@ def ensure_smollm2(*, cache: Path | None = None, log=None) -> Path:
     want = {"format": CACHE_FORMAT, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
             "adapter_sha256": _sha256(adapter / "adapter_model.safetensors"),
             "model_json_sha256": _sha256(SMOLLM2_ASSET / "model.json")}
+    if (adapter / "draft_vocab.json").is_file():  # a cache from before the draft vocabulary converts again
+        want["draft_vocab_sha256"] = _sha256(adapter / "draft_vocab.json")
     d = (cache or cache_root()) / spec["cache_name"]
     if _stamp_ok(d, want):
         return d
