@@ -182,3 +182,15 @@ def test_cli_train_sampler_on_policy_rounds(tmp_path, capsys):
     assert s.kind == "mlp" and s.meta["rounds"] == 1
     assert main(["--model", "bundled", "--out", str(out), "--rounds", "-1"]) == 2
     assert main(["--model", "bundled", "--out", str(out), "--kinds", "gbm"]) == 2
+
+
+def test_top1_is_argmax_with_ties():
+    from trimode.sampling import top1
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randint(0, 3, (4, 13, 4099), generator=g).to(dtype)  # many ties per row
+        x[0, 0] = 0.0  # a row that is all ties
+        x[1, 1, 7:] = float("-inf")
+        assert torch.equal(top1(x), x.argmax(-1))
+        assert top1(x)[0, 0] == 0

@@ -93,6 +93,13 @@ class SamplingParams:
         return self.temperature == 0
 
 
+
+def top1(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token: index of the largest logit on the last dim, the first among ties (as
+    torch.argmax). `max(-1).indices` is the same index and on CPU much faster for bfloat16 logits
+    (measured, 13 x 49152: 1.0 ms against 3.4 ms for argmax, a tenth of a SmolLM2 verify forward)."""
+    return logits.max(-1).indices
+
 def resolve_rule(params: SamplingParams | None, *, independent_draft: bool) -> str:
     """The rule a row actually uses: "greedy", "match" or "rejection".
 
@@ -230,7 +237,7 @@ def process_logits(logits: torch.Tensor, params: BatchParams) -> torch.Tensor:
         probs = torch.where(probs >= min_p * probs.amax(-1, keepdim=True), probs, torch.zeros_like(probs))
     probs = probs / probs.sum(-1, keepdim=True)
     if bool(greedy.any()):
-        onehot = torch.zeros_like(probs).scatter(-1, x.argmax(-1, keepdim=True), 1.0)
+        onehot = torch.zeros_like(probs).scatter(-1, top1(x)[..., None], 1.0)
         probs = torch.where(greedy, onehot, probs)
     return probs
 
@@ -390,7 +397,7 @@ class BatchSampler:
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens (B, ...) for masked logits (B, ..., V): argmax for greedy rows, sample(processed, u)
         for sampled rows (u: (B, ...) uniforms). Also returns the processed distributions when asked."""
-        greedy_tok = logits.argmax(-1)
+        greedy_tok = top1(logits)
         if not self.any:
             return greedy_tok, (self.probs(logits) if want_probs else None)
         probs = self.probs(logits)
@@ -421,7 +428,7 @@ class BatchSampler:
         the drafts' recorded processed distributions (needed for rows using rejection). When no row
         samples this is greedy verification: the verifier's argmax, accepted while it equals the draft."""
         if not self.any:
-            tokens = logits.argmax(-1)
+            tokens = top1(logits)
             accepted = _prefix_len(tokens[:, : drafts.shape[1]] == drafts)
             return Acceptance(accepted, tokens, accepted < drafts.shape[1])
         p = self.probs(logits)

@@ -29,7 +29,7 @@ import torch
 
 from .. import masks
 from ..cache import KVCache
-from ..sampling import U_DRAFT
+from ..sampling import U_DRAFT, top1
 from . import tree as tr
 from .batch import Decoder, State, exclude_mask, pred_slots, prefill
 from .rows import DRAFT, PREFILL, VERIFY, Row, Step
@@ -125,7 +125,7 @@ class LinearDecoder(Decoder):
         offsets = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), t.depth], dim=1)
         logits = self.model(tokens, self.positions(offsets), cache=self.cache,
                             mask=self.prefix_mask(tr.ancestor_mask(t.parent)))
-        pred = exclude_mask(logits, self.c.mask_token_id).argmax(-1)  # (B, T): AR token after each slot's path
+        pred = top1(exclude_mask(logits, self.c.mask_token_id))  # (B, T): AR token after each slot's path
         paths, accepted = tr.walk(t, pred, K - 1)
         width = max(len(p) for p in paths)
         keep = torch.tensor([p + [p[-1]] * (width - len(p)) for p in paths], device=dev)  # (B, width) slots
