@@ -68,29 +68,29 @@ def test_a_model_that_drafts_keeps_its_output_and_loses_only_the_excluded_drafts
     # Every token AR writes here: a draft changes only where it was a token AR never writes (wrong).
     m.set_draft_vocab(torch.nonzero(written).flatten())
     same = generate(m, prompts, mode=mode, max_new_tokens=32, **kw)
-    m.set_draft_vocab(torch.nonzero(written == 0).flatten())  # none of them: no draft can be accepted
+    # None of them: only what the rows' prompts and outputs so far hold can be drafted.
+    m.set_draft_vocab(torch.nonzero(written == 0).flatten())
     none = generate(m, prompts, mode=mode, max_new_tokens=32, **kw)
     assert [g.tokens for g in same] == [g.tokens for g in none] == [g.tokens for g in full] == [g.tokens for g in ref]
     nfe = lambda gs: sum(g.stats["nfe"] for g in gs)  # noqa: E731
-    assert nfe(same) <= nfe(full) < nfe(none)
+    assert nfe(same) <= nfe(full) and nfe(same) <= nfe(none)
     assert max(a for g in full for a in g.stats["acceptance"]) >= 2
-    assert max(a for g in none for a in g.stats["acceptance"]) == 1
 
 
-def test_linear_drafts_are_drawn_from_the_subset_only():
+def test_drafts_may_copy_the_prompt_and_the_output_so_far():
     from trimode.decode import DecodeConfig, Row, make_decoder
 
     m = tiny_model(adapter=True)
-    keep = list(range(0, 96, 3))
-    m.set_draft_vocab(keep)
-    dec = make_decoder(m, "linear", DecodeConfig(max_new_tokens=16, block_len=5))
-    dec.admit([Row(p, max_new_tokens=16, index=i) for i, p in enumerate(PROMPTS)])
-    seen = []
+    m.set_draft_vocab([0, 1])
+    rows = [Row([5, 6, 60], max_new_tokens=12, index=0), Row([7, 61], max_new_tokens=12, index=1)]
+    dec = make_decoder(m, "linear", DecodeConfig(max_new_tokens=12, block_len=4))
+    dec.admit(rows)
+    dec.cycle()
     while not dec.idle:
+        allowed = {0, 1} | {t for r in dec.running for t in [*r.prompt, *r.tokens]}
+        live = torch.isfinite(dec.draft_logits(dec.state.newest, 4)).any(0).any(0)
+        assert set(torch.nonzero(live).flatten().tolist()) == allowed - {m.config.mask_token_id}
         dec.cycle()
-        if dec.state is not None and hasattr(dec.state, "drafts") and dec.running:
-            seen.append(dec.draft_logits(dec.state.newest, 5).argmax(-1))
-    assert seen and all(set(s.flatten().tolist()) <= set(keep) for s in seen)
 
 
 def test_rejection_sampling_with_a_draft_vocab_is_lossless():

@@ -300,11 +300,12 @@ class Transformer(nn.Module):
         self.draft_vocab, self._draft_rows = t, None
         return self
 
-    def draft_head(self, h: torch.Tensor, *, adapter: str | None = None,
-                   gate: torch.Tensor | None = None) -> torch.Tensor:
+    def draft_head(self, h: torch.Tensor, *, adapter: str | None = None, gate: torch.Tensor | None = None,
+                   extra: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (..., V) of a draft pass's final-normed hidden states: `head`, restricted to
-        `draft_vocab` when one is set (other ids -inf). An untied head with an adapter of its own in
-        this pass keeps the whole head (its adapted rows are not gathered)."""
+        `draft_vocab` and the ids in `extra` when a draft vocabulary is set (other ids -inf; decoders
+        pass the tokens of their rows' prompts and outputs as `extra`, which models copy). An untied
+        head with an adapter of its own in this pass keeps the whole head."""
         if self.draft_vocab is None or (self.lm_head is not None and adapter in self.lm_head.adapters):
             return self.head(h, adapter=adapter, gate=gate)
         w = self.head_weight()
@@ -315,7 +316,11 @@ class Transformer(nn.Module):
         _, ids, rows = self._draft_rows
         sub = F.linear(h, rows.to(h.dtype))
         out = sub.new_full((*h.shape[:-1], self.config.vocab_size), float("-inf"))
-        return out.index_copy_(-1, ids, sub)
+        out.index_copy_(-1, ids, sub)
+        if extra is not None and extra.numel():
+            extra = extra.to(w.device)
+            out.index_copy_(-1, extra, F.linear(h, w.detach().index_select(0, extra).to(h.dtype)))
+        return out
 
     def _trunk(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None,

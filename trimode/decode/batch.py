@@ -189,6 +189,11 @@ class Decoder:
         self.running: list[Row] = []
         self.cache: KVCache | None = None
         self.state: State | None = None
+        # Draft vocabulary (Transformer.set_draft_vocab): the ids of the rows' prompts and outputs
+        # that it lacks, so drafts can copy them; per row, how many of its tokens were looked at.
+        self._seen: torch.Tensor | None = None
+        self._scanned: dict[int, tuple[Row, int]] = {}
+        self._extra: torch.Tensor | None = None
 
     # -- subclass hooks -----------------------------------------------------------------------------
     def scratch(self) -> int:
@@ -251,6 +256,42 @@ class Decoder:
         """Whether this decoder's drafts are one-pass independent samples from recorded
         distributions (rejection sampling is valid); an external draft_override voids it."""
         return self.speculative and self.cfg.draft_override is None
+
+    def draft_head(self, h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, n, V) of a draft pass's hidden states (the draft adapter's head). With a draft
+        vocabulary the model scores its ids plus every token of the running rows' prompts and
+        outputs (`Transformer.draft_head`)."""
+        f = getattr(self.model, "draft_head", None)
+        vocab = getattr(self.model, "draft_vocab", None)
+        if f is None or vocab is None:
+            return self.model.head(h, adapter=self.adapter, gate=gate)
+        return f(h, adapter=self.adapter, gate=gate, extra=self._extra_ids(vocab))
+
+    def _extra_ids(self, vocab: torch.Tensor) -> torch.Tensor | None:
+        V = self.c.vocab_size
+        if self._seen is None:
+            self._seen = torch.zeros(V, dtype=torch.bool)
+            self._static = torch.zeros(V, dtype=torch.bool)
+            self._static[vocab.cpu()] = True
+        if any(ent[0] not in self.running for ent in self._scanned.values()):  # a row left: start over
+            self._seen.zero_()
+            self._scanned, self._extra = {}, None
+        scanned, grew = {}, False
+        for r in self.running:
+            ent = self._scanned.get(id(r))
+            done = ent[1] if ent is not None and ent[0] is r else -1  # -1: the prompt is still to scan
+            new = (list(r.prompt) if done < 0 else []) + list(r.tokens[max(done, 0):])
+            if new:
+                t = torch.tensor(new, dtype=torch.long).clamp_(0, V - 1)
+                fresh = ~self._seen[t] & ~self._static[t]
+                if bool(fresh.any()):
+                    self._seen[t] = True
+                    grew = True
+            scanned[id(r)] = (r, len(r.tokens))
+        self._scanned = scanned
+        if grew or self._extra is None:
+            self._extra = torch.nonzero(self._seen & ~self._static).flatten().to(self.dev)
+        return self._extra if self._extra.numel() else None
 
     def sampler(self, rows: Sequence[Row] | None = None) -> BatchSampler:
         """The sampling side of a forward over `rows` (default: the running batch)."""

@@ -77,7 +77,7 @@ class LinearDecoder(Decoder):
         h, gate = self.model(canvas, self.positions(torch.arange(K, device=self.dev)), cache=self.cache,
                              mask=self.prefix_mask(masks.bidirectional(K, device=self.dev)), adapter=self.adapter,
                              logits_at=want, hidden=True)
-        return exclude_mask(self.model.draft_head(h, adapter=self.adapter, gate=gate), c.mask_token_id)
+        return exclude_mask(self.draft_head(h, gate), c.mask_token_id)
 
     def _cycle(self) -> list[Step]:
         s, sampler = self.state, self.sampler()

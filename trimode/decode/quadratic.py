@@ -73,7 +73,7 @@ class QuadraticDecoder(Decoder):
             idx = K + res.accepted[:, None] * (K - 1) + torch.arange(K - 1, device=dev)[None, :]  # into logits_at
             hs = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
             gs = gate.gather(1, idx[..., None]) if gate is not None else None
-            logits = exclude_mask(self.model.draft_head(hs, adapter=self.adapter, gate=gs), c.mask_token_id)
+            logits = exclude_mask(self.draft_head(hs, gs), c.mask_token_id)
             u_d = u[..., U_DRAFT].gather(1, n[:, None] + torch.arange(K - 1, device=dev)[None, :])
             nxt_drafts, nxt_q = sampler.choose(logits, u_d, want_probs=sampler.any_rejection)
         tokens, n = self.force(res.tokens, n)  # a thinking budget may cut the run at a forced token
