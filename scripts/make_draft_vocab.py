@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
           + f" ({time.perf_counter() - t0:.0f} s)")
     score = draftvocab.mixture(torch.bincount(seen, minlength=V), *corpus.values())
     held: dict[str, torch.Tensor] = {}
+    own: dict[str, torch.Tensor] = {}
     if args.heldout:
         from trimode.bench.suites import build_suites
 
@@ -64,16 +65,25 @@ def main(argv: list[str] | None = None) -> int:
             outs = [trimode.generate(model, [list(pr.tokens)], mode="ar", max_new_tokens=args.max_new_tokens,
                                      eos_id=tok.eos_id)[0].tokens for pr in prompts]
             held[cat] = torch.tensor([t for o in outs for t in o])
+            # What a decoder adds to the vocabulary (Decoder.draft_head): the prompt and the output so far.
+            own[cat] = torch.tensor([t in set(pr.tokens) or t in o[:i]
+                                     for pr, o in zip(prompts, outs) for i, t in enumerate(o)])
     sizes = sorted({int(s) for s in args.sizes.split(",")} | ({args.size} if args.size else set()))
     report = {}
-    print(f"{'size':>6} {'training targets':>16} " + " ".join(f"{'held-out ' + k:>16}" for k in held))
+    print("coverage: share of tokens a draft can propose (in brackets: adding the prompt's and the output's own "
+          "tokens, as decoders do)")
+    print(f"{'size':>6} {'training targets':>16} " + " ".join(f"{'held-out ' + k:>18}" for k in held))
     for n in sizes:
         ids = draftvocab.from_counts(score, n, keep=[c.eos_token_id], drop=[c.mask_token_id])
         row = {"training_targets": round(draftvocab.coverage(ids, seen, V), 5)}
         row.update({f"heldout_{k}": round(draftvocab.coverage(ids, v, V), 5) for k, v in held.items()})
+        inside = torch.zeros(V, dtype=torch.bool)
+        inside[ids] = True
+        row.update({f"heldout_{k}_with_own_tokens": round(float((inside[v] | own[k]).float().mean()), 5)
+                    for k, v in held.items()})
         report[n] = row
         print(f"{n:>6} {row['training_targets']:>16.4f} "
-              + " ".join(f"{row[f'heldout_{k}']:>16.4f}" for k in held))
+              + " ".join(f"{row[f'heldout_{k}']:>9.4f} ({row[f'heldout_{k}_with_own_tokens']:.4f})" for k in held))
     if args.out:
         ids = draftvocab.from_counts(score, args.size, keep=[c.eos_token_id], drop=[c.mask_token_id])
         out = draftvocab.write(
