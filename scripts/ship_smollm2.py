@@ -34,6 +34,8 @@ def main() -> int:
     bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
     save_file(bf16, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
+    if (src / "draft_vocab.json").is_file():  # a draft vocabulary (train-drafter --draft-vocab) ships with it
+        shutil.copy(src / "draft_vocab.json", out / "draft_vocab.json")
     if args.decoding:
         spec = json.loads((ASSET / "model.json").read_text())
         dec = json.loads(Path(args.decoding).read_text())
