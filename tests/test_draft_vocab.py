@@ -170,3 +170,24 @@ def test_corpus_counts_use_training_splits_only(tmp_path):
     assert c["data"][ord("Z")] == sum(t.count("Z") for t in __import__("trimode").prompts.chat_train_texts())
     mix = draftvocab.mixture(torch.tensor([2.0, 0, 2]), torch.tensor([0.0, 10, 0]))
     assert torch.allclose(mix, torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_head_is_gathered_from_its_codes(scheme):
+    from trimode.checkpoint import load_model
+    from trimode.models import BUNDLED, for_inference
+
+    dtype = torch.bfloat16 if scheme == "int4" else torch.float32
+    m = for_inference(load_model(BUNDLED, dtype=dtype, quantize=scheme))  # untied head: its weight is int8 codes
+    h = torch.randn(1, 3, m.config.hidden_size, dtype=dtype)
+    m.set_draft_vocab(torch.arange(m.config.vocab_size))
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    assert torch.allclose(m.draft_head(h).float(), m.head(h).float(), atol=tol, rtol=tol)
+    prompts = [[5, 60, 61, 62, 9, 300, 301], [70, 71, 72, 73]]
+    ref = generate(m, prompts, mode="ar", max_new_tokens=24)
+    m.set_draft_vocab(torch.arange(0, m.config.vocab_size, 2))
+    for mode in ("linear", "quadratic"):
+        got = generate(m, prompts, mode=mode, max_new_tokens=24, block_len=4)
+        assert all(len(g.tokens) == 24 for g in got)
+        if scheme == "int8":  # int8 keeps float32 numerics: exact; int4 runs bf16 (equal up to near-ties)
+            assert [g.tokens for g in got] == [g.tokens for g in ref]

@@ -309,18 +309,25 @@ class Transformer(nn.Module):
         if self.draft_vocab is None or (self.lm_head is not None and adapter in self.lm_head.adapters):
             return self.head(h, adapter=adapter, gate=gate)
         w = self.head_weight()
-        key = (w.data_ptr(), w.dtype, w.device, w._version)
+        qh = self.quant_head if w.numel() == 0 else None  # an untied head whose weights are int8 codes now
+        key = (id(qh), qh.q._version) if qh is not None else (w.data_ptr(), w.dtype, w.device, w._version)
         if self._draft_rows is None or self._draft_rows[0] != key:
-            ids = self.draft_vocab.to(w.device)
-            self._draft_rows = (key, ids, w.detach().index_select(0, ids))
+            ids = self.draft_vocab.to(h.device)
+            self._draft_rows = (key, ids, self._head_rows(ids, qh))
         _, ids, rows = self._draft_rows
         sub = F.linear(h, rows.to(h.dtype))
         out = sub.new_full((*h.shape[:-1], self.config.vocab_size), float("-inf"))
         out.index_copy_(-1, ids, sub)
         if extra is not None and extra.numel():
-            extra = extra.to(w.device)
-            out.index_copy_(-1, extra, F.linear(h, w.detach().index_select(0, extra).to(h.dtype)))
+            extra = extra.to(h.device)
+            out.index_copy_(-1, extra, F.linear(h, self._head_rows(extra, qh).to(h.dtype)))
         return out
+
+    def _head_rows(self, ids: torch.Tensor, quantized=None) -> torch.Tensor:
+        """Rows `ids` of the output head's weight (dequantized from int8 codes for a quantized untied head)."""
+        if quantized is not None:
+            return quantized.q.index_select(0, ids).float() * quantized.scale.index_select(0, ids)[:, None]
+        return self.head_weight().detach().index_select(0, ids)
 
     def _trunk(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None,
