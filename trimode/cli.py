@@ -133,6 +133,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tok = load_tokenizer(path)
     label = {"smollm2": "SmolLM2-135M-Instruct + shipped draft adapter", "bundled": "bundled 6.8M model"}.get(
         args.model, str(path))
+    if getattr(model, "draft_vocab", None) is not None:
+        label += f" (drafts over a {model.draft_vocab.numel():,}-token draft vocabulary)"
     chat = tok is not None and tok.chat_template is not None
     if tok is not None:
         texts = args.prompt or (list(DEMO_PROMPTS.values()) if chat else BUNDLED_PROMPTS)

@@ -465,8 +465,10 @@ def cmd_model(args: argparse.Namespace) -> int:
     allp = [p for ps in suites.values() for p in ps]
     ctx = round(sum(len(p.tokens) for p in allp) / len(allp))
     label = "bundled" if args.model == "bundled" else str(args.model)
+    dv = getattr(model, "draft_vocab", None)
+    dv_text = "whole vocabulary" if dv is None else f"{dv.numel()} ids + each row's own tokens"
     _say(args, f"model: {label} ({model.dtype}, {model.device}); prompts: "
-               f"{'chat-formatted' if chat else 'raw'}; threads {torch.get_num_threads()}",
+               f"{'chat-formatted' if chat else 'raw'}; threads {torch.get_num_threads()}; drafts over: {dv_text}",
          *architecture_lines(model, machine, context=ctx, ks=args.block_lens or [4, 8, 16], bpw=bpw))
     best, peers_best, peer_info, reference = run_all(args, model, suites, configs, eos_id=eos_id,
                                                      peers_on=not args.no_peers and tok is not None)
@@ -486,6 +488,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     out = {
         "model": label, "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
         "threads": torch.get_num_threads(), "chat": chat, "batch_size": args.batch_size,
+        "draft_vocab": None if dv is None else int(dv.numel()),
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompts": len(allp),
         "categories": {k: len(v) for k, v in suites.items()},
         "machine": machine.as_dict() if machine is not None else None,
