@@ -182,7 +182,8 @@ def load_model(
 
     dtype: None keeps the stored dtype (float16 becomes float32 on CPU); otherwise weights are cast.
     check_finite: reject weights holding NaN or inf (one pass over the data as it loads).
-    Adapters found in the directory are attached (native: by name; NLD: as "draft").
+    Adapters found in the directory are attached (native: by name; NLD: as "draft"), and so is a
+    feature drafter in its `feature_drafter/` subdirectory (trimode/feature_drafter.py).
     quantize: "int8" | "int4" weight-only quantization of the base weights (trimode.quant; CPU); a
     model converted from a GGUF (CONVERTED_FROM.json) takes its int4 codes from the GGUF's Q4_1 blocks.
     """
@@ -248,6 +249,10 @@ def load_model(
             load_adapter(model, sub, name=sub.name)
     if not native and (path / NLD_ADAPTER_DIR).is_dir():
         load_adapter(model, path / NLD_ADAPTER_DIR, name=NLD_ADAPTER_NAME)
+    from .feature_drafter import DRAFTER_DIR, has_feature_drafter, load_feature_drafter
+
+    if has_feature_drafter(path / DRAFTER_DIR):  # an EAGLE-style drafter for linear mode (trimode/feature_drafter.py)
+        model.set_feature_drafter(load_feature_drafter(path / DRAFTER_DIR, model.config, dtype=dt, device=device))
     from .models import read_decoding
 
     model.decoding = read_decoding(path)  # measured decoding defaults (best block length per mode)

@@ -20,6 +20,8 @@ EXTERNAL = {
     "bench": ("trimode.bench.cli", "benchmark every mode: tokens/forward, speed-of-light, peers, roofline"),
     "serve": ("trimode.serve.cli", "OpenAI-compatible HTTP server with continuous batching"),
     "train-drafter": ("trimode.train.drafter", "train the LoRA drafter (draft passes only) by self-distillation"),
+    "train-feature-drafter": ("trimode.train.feature_drafter",
+                              "train the feature-level drafter (EAGLE-style) on the verifier's hidden states"),
     "train-sampler": ("trimode.train.sampler", "train the learned unmasking sampler for diffusion mode"),
 }
 

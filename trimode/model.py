@@ -79,6 +79,21 @@ class ForwardContext:
     S: int
 
 
+def forward_context(c: ModelConfig, inv_freq: torch.Tensor, attention_factor: float, positions: torch.Tensor,
+                    mask: torch.Tensor | None, cache: KVCache | None, S: int, dtype: torch.dtype) -> ForwardContext:
+    """The rotary tables (and llama-4 query scale) of `positions` (B, T) with the mask and cache of one forward."""
+    # Rotary tables in fp32, as in the reference, then cast to the activation dtype.
+    freqs = positions[..., None].float() * inv_freq[None, None, :]  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * attention_factor).to(dtype)[:, None]  # (B, 1, T, D)
+    sin = (emb.sin() * attention_factor).to(dtype)[:, None]
+    q_scale = None
+    if c.llama4_scaling_beta is not None:
+        s = 1 + c.llama4_scaling_beta * torch.log1p(torch.floor(positions.float() / c.llama4_original_max))
+        q_scale = s.to(dtype)[:, None, :, None]  # (B, 1, T, 1)
+    return ForwardContext(cos, sin, q_scale, mask, cache, S)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -251,6 +266,7 @@ class Transformer(nn.Module):
         # gathered rows of the output head for them (rebuilt when the head's weights change).
         self.draft_vocab: torch.Tensor | None = None
         self._draft_rows: tuple | None = None
+        self._feature_drafter: list = []  # set_feature_drafter(): an EAGLE-style drafter, outside the module tree
 
     @property
     def vision(self):
@@ -262,6 +278,25 @@ class Transformer(nn.Module):
     def set_vision(self, tower) -> None:
         """Attach (or, with None, detach) a vision tower; see `vision`."""
         self._vision = [] if tower is None else [tower]
+
+    @property
+    def feature_drafter(self):
+        """The feature-level drafter (`trimode.feature_drafter.FeatureDrafter`) linear mode can draft
+        with (`drafter="feature"`), else None. Kept out of `state_dict()` / `parameters()`."""
+        return self._feature_drafter[0] if self._feature_drafter else None
+
+    def set_feature_drafter(self, fd) -> Transformer:
+        """Attach (or with None detach) a feature drafter; it is moved to this model's device and dtype."""
+        if fd is not None:
+            c, b = self.config, fd.base_config
+            if (b.vocab_size, b.hidden_size) != (c.vocab_size, c.hidden_size):
+                raise ValueError(f"the feature drafter fits a model of vocabulary {b.vocab_size} and width "
+                                 f"{b.hidden_size}, not {c.vocab_size} and {c.hidden_size}")
+            fd = fd.to(device=self.device, dtype=self.dtype).eval()
+            for p in fd.parameters():
+                p.requires_grad_(False)
+        self._feature_drafter = [] if fd is None else [fd]
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -333,19 +368,9 @@ class Transformer(nn.Module):
                cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None,
                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding, rotary tables and the blocks (the part `compile_decode` compiles)."""
-        c = self.config
-        # Rotary tables in fp32, as in the reference, then cast to the activation dtype.
-        freqs = positions[..., None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
         dt = self.dtype
-        cos = (emb.cos() * self.rope_attention_factor).to(dt)[:, None]  # (B, 1, T, D)
-        sin = (emb.sin() * self.rope_attention_factor).to(dt)[:, None]
-        q_scale = None
-        if c.llama4_scaling_beta is not None:
-            s = 1 + c.llama4_scaling_beta * torch.log1p(torch.floor(positions.float() / c.llama4_original_max))
-            q_scale = s.to(dt)[:, None, :, None]  # (B, 1, T, 1)
         x = self.embed_tokens(tokens) if embeds is None else embeds.to(dt)  # (B, T, hidden)
-        ctx = ForwardContext(cos, sin, q_scale, mask, cache, S)
+        ctx = forward_context(self.config, self.inv_freq, self.rope_attention_factor, positions, mask, cache, S, dt)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, adapter=adapter, gate=gate)
         return x

@@ -120,6 +120,10 @@ def ensure_smollm2(*, cache: Path | None = None, log=None) -> Path:
             "model_json_sha256": _sha256(SMOLLM2_ASSET / "model.json")}
     if (adapter / "draft_vocab.json").is_file():  # a cache from before the draft vocabulary converts again
         want["draft_vocab_sha256"] = _sha256(adapter / "draft_vocab.json")
+    fd = SMOLLM2_ASSET / "feature_drafter" / "feature_drafter.safetensors"
+    if fd.is_file():  # a cache from before the feature drafter converts again
+        want["feature_drafter_sha256"] = _sha256(fd)
+        want["feature_drafter_json_sha256"] = _sha256(fd.with_suffix(".json"))
     d = (cache or cache_root()) / spec["cache_name"]
     if _stamp_ok(d, want):
         return d
@@ -148,6 +152,7 @@ def write_smollm2(d: Path, gguf: Path, spec: dict[str, Any], *, stamp: dict[str,
     from ._io import atomic_dir
     from .checkpoint import ADAPTERS_DIR
     from .convert import convert_gguf
+    from .feature_drafter import DRAFTER_DIR
 
     d.parent.mkdir(parents=True, exist_ok=True)
     for stale in d.parent.glob(f".{d.name}.tmp-*"):  # left by a conversion that was killed (not a running one)
@@ -162,6 +167,8 @@ def write_smollm2(d: Path, gguf: Path, spec: dict[str, Any], *, stamp: dict[str,
         cfg.update(spec.get("config", {}))
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         shutil.copytree(SMOLLM2_ASSET / "adapter", tmp / ADAPTERS_DIR / "draft")
+        if (SMOLLM2_ASSET / DRAFTER_DIR).is_dir():
+            shutil.copytree(SMOLLM2_ASSET / DRAFTER_DIR, tmp / DRAFTER_DIR)
         if spec.get("decoding"):
             (tmp / DECODING_FILE).write_text(json.dumps(spec["decoding"], indent=2) + "\n")
         if (SMOLLM2_ASSET / "MODEL_CARD.md").is_file():

@@ -18,6 +18,7 @@ from ..sampling import SamplingParams
 from .ar import ARDecoder
 from .batch import DecodableModel, DecodeConfig, Decoder, DraftOverride, validate_rows
 from .diffusion import DiffusionDecoder
+from .featdraft import FeatureDraftDecoder, feature_drafter_of
 from .linear import LinearDecoder
 from .policies import EvenSchedule, JointThreshold, Oracle, PolicyContext, Threshold
 from .quadratic import QuadraticDecoder
@@ -31,9 +32,20 @@ REGISTRY: dict[Mode, type[Decoder]] = {
 }
 
 
+def resolve_drafter(model: DecodableModel, drafter: str) -> str:
+    """Linear mode's drafter: "feature" (the model's feature drafter) or "adapter" (a draft pass of the
+    model itself); "auto" is "feature" when the model carries one."""
+    if drafter == "auto":
+        return "feature" if feature_drafter_of(model) is not None else "adapter"
+    return drafter
+
+
 def make_decoder(model: DecodableModel, mode: str | Mode, cfg: DecodeConfig) -> Decoder:
     """A step-level decoder for one mode and config; rows join with `admit`, advance with `cycle`."""
-    return REGISTRY[Mode.parse(mode)](model, cfg)
+    m = Mode.parse(mode)
+    if m is Mode.LINEAR and resolve_drafter(model, cfg.drafter) == "feature":
+        return FeatureDraftDecoder(model, cfg)
+    return REGISTRY[m](model, cfg)
 
 
 @dataclass
@@ -77,6 +89,7 @@ def prepare(
     acceptance: str = "auto",
     tree_nodes: int | None = None,
     tree_branch: int = 3,
+    drafter: str = "auto",
     max_thinking_tokens: int | Sequence[int | None] | None = None,
     think_ids: tuple[Sequence[int], Sequence[int]] | None = None,
     images: Sequence[object] | None = None,
@@ -97,7 +110,7 @@ def prepare(
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
         draft_adapter=draft_adapter, draft_override=draft_override, policy=policy, tree_nodes=tree_nodes,
-        tree_branch=tree_branch,
+        tree_branch=tree_branch, drafter=drafter,
     )
     _check_prompts(prompts)
     bad = [t for t in stop or () if not isinstance(t, int) or isinstance(t, bool)]
@@ -211,7 +224,9 @@ def generate(
     default, is greedy), top_k, top_p, min_p, seed (int: prompt i gets seed + i; or one per prompt),
     acceptance ("auto", "match" or "rejection": the rule of the speculative modes; each Generation's
     stats["acceptance_rule"] says which ran). Other options: steps,
-    draft_adapter (name of the LoRA used in draft passes, default "draft" when present),
+    draft_adapter (name of the LoRA used in draft passes, default "draft" when present), drafter
+    (linear mode: "adapter", "feature" (the model's feature drafter, trimode/feature_drafter.py) or
+    "auto", the feature drafter when the model has one),
     draft_override (a hook replacing draft proposals), policy (diffusion unmasking policy object,
     e.g. `Oracle(reference)`; overrides threshold / steps). images (a vision-language model): one
     entry per prompt, None or a list of images (bytes, paths, data: URLs, PIL images), each placed at
@@ -249,6 +264,7 @@ __all__ = [
     "make_rows",
     "make_decoder",
     "prepare",
+    "resolve_drafter",
     "run",
     "validate_rows",
 ]

@@ -35,6 +35,9 @@ from .rows import Row, Step
 DraftOverride = Callable[[torch.Tensor, Sequence[Row]], torch.Tensor]
 
 
+DRAFTERS = ("auto", "adapter", "feature")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Options shared by every row of one decoder, validated once. (EOS / stop ids and the token
@@ -49,6 +52,7 @@ class DecodeConfig:
     policy: object | None = field(default=None, compare=False)  # diffusion unmasking policy (overrides threshold)
     tree_nodes: int = 0  # linear, greedy batches: verify a best-first tree of this many draft nodes (0: a chain)
     tree_branch: int = 3  # candidates per slot when growing the tree
+    drafter: str = "auto"  # linear: "adapter" (a draft pass of the model), "feature" (its feature drafter), "auto"
 
     def __post_init__(self) -> None:
         def is_int(x: object) -> bool:
@@ -66,6 +70,8 @@ class DecodeConfig:
             raise ValueError(f"tree_nodes must be an integer >= 0, got {self.tree_nodes!r}")
         if not is_int(self.tree_branch) or self.tree_branch < 1:
             raise ValueError(f"tree_branch must be an integer >= 1, got {self.tree_branch!r}")
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
         if self.policy is not None and not callable(getattr(self.policy, "select", None)):
             raise ValueError(f"policy must have a select(conf, candidates, step, ctx) method, got {self.policy!r}")
 

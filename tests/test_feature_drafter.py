@@ -1,0 +1,197 @@
+"""The feature drafter (EAGLE-style) in linear mode: greedy == AR, sampling lossless, files, bad input.
+
+The drafter is trained here for a few hundred steps on the tiny model's own greedy continuations, so
+its drafts are often right and the verify paths that accept drafts (chain and tree) are exercised.The test prompts' own continuations are in its training data: these tests check the decoding, not
+how well a drafter generalises."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from _tiny import PROMPTS, tiny_model
+
+from trimode import generate
+from trimode.bench.chi2 import chi2_sf, chi2_two_sample
+from trimode.decode import DecodeConfig, Row, make_decoder
+from trimode.feature_drafter import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    FeatureDrafter,
+    init_from_base,
+    load_feature_drafter,
+)
+from trimode.train.feature_drafter import compute_features, pair_loss
+
+
+PROMPT = [5, 17, 33, 2]
+
+
+def _train(model, steps: int = 250) -> FeatureDrafter:
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 90, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (40,), generator=g)]
+    prompts += PROMPTS * 2 + [PROMPT] * 2  # the prompts decoded below: the drafter has seen their continuations
+    outs = generate(model, prompts, mode="ar", max_new_tokens=40)
+    seqs = [p + o.tokens for p, o in zip(prompts, outs)]
+    L = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in seqs])
+    feats = compute_features(model, tokens, lengths, batch=16, log=lambda s: None).to(model.dtype)
+    fd = init_from_base(FeatureDrafter(model.config, torch.arange(95)), model).to(model.dtype)
+    opt = torch.optim.AdamW(fd.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    for _ in range(steps):
+        b = rng.sample(range(len(seqs)), 16)
+        loss, _ = pair_loss(fd, model, feats[b], tokens[b], lengths[b], noise=0.05, reg_weight=1.0, ce_weight=0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return fd.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model(dlm_type="dream", eos=7, dtype=torch.float32)
+    torch.manual_seed(0)
+    m.set_feature_drafter(_train(m))
+    return m
+
+
+@pytest.mark.parametrize("K,nodes", [(1, 0), (2, 0), (4, 0), (6, 0), (3, 6), (5, 10), (8, 16)])
+def test_greedy_equals_ar_and_drafts_are_accepted(model, K, nodes):
+    ref = generate(model, PROMPTS, mode="ar", max_new_tokens=40)
+    got = generate(model, PROMPTS, mode="linear", block_len=K, max_new_tokens=40, tree_nodes=nodes)
+    assert [g.tokens for g in got] == [g.tokens for g in ref]
+    acc = [a for g in got for a in g.stats["acceptance"]]
+    assert all(1 <= a <= K for a in acc)
+    if K >= 4:  # a trained drafter: most cycles accept drafts, and a forward yields > 1.5 tokens
+        assert sum(acc) / len(acc) > 1.5, acc
+    for g in got:
+        assert sum(g.stats["step_tokens"]) == len(g.tokens)
+
+
+def test_tree_accepts_at_least_as_much_as_the_chain(model):
+    chain = generate(model, PROMPTS, mode="linear", block_len=6, max_new_tokens=40, tree_nodes=0)
+    tree = generate(model, PROMPTS, mode="linear", block_len=6, max_new_tokens=40, tree_nodes=12)
+    assert sum(g.nfe for g in tree) <= sum(g.nfe for g in chain)
+
+
+def test_adapter_drafter_is_still_there(model):
+    ref = generate(model, PROMPTS, mode="ar", max_new_tokens=20)
+    got = generate(model, PROMPTS, mode="linear", block_len=4, max_new_tokens=20, drafter="adapter")
+    assert [g.tokens for g in got] == [g.tokens for g in ref]
+    assert all(g.stats["forwards"].get("draft", 0) > 0 for g in got)  # the draft pass of the model ran
+    feat = generate(model, PROMPTS, mode="linear", block_len=4, max_new_tokens=20)  # auto: the feature drafter
+    assert all("draft" not in g.stats["forwards"] for g in feat)
+    with pytest.raises(ValueError, match="drafter must be one of"):
+        generate(model, PROMPTS, mode="linear", block_len=4, max_new_tokens=4, drafter="eagle")
+
+
+def test_feature_drafter_needs_one():
+    m = tiny_model(dlm_type="dream", dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs a model with a feature drafter"):
+        generate(m, PROMPTS, mode="linear", block_len=4, max_new_tokens=4, drafter="feature")
+    # auto without one: the adapter / base draft pass, as before
+    assert len(generate(m, PROMPTS, mode="linear", block_len=4, max_new_tokens=4)[0].tokens) == 4
+
+
+def test_rows_joining_mid_run_decode_as_alone(model):
+    ref = [g.tokens for g in generate(model, PROMPTS, mode="ar", max_new_tokens=24)]
+    for nodes in (0, 10):
+        dec = make_decoder(model, "linear", DecodeConfig(max_new_tokens=24, block_len=5, tree_nodes=nodes))
+        rows = [Row(p, max_new_tokens=24, index=i) for i, p in enumerate(PROMPTS)]
+        dec.admit(rows[:2])
+        dec.cycle()
+        dec.admit(rows[2:3])
+        dec.cycle()
+        dec.admit(rows[3:])
+        with torch.inference_mode():
+            while not dec.idle:
+                dec.cycle()
+        assert [r.tokens for r in rows] == ref
+
+
+# -- sampling -------------------------------------------------------------------------------------
+N = 2000
+KW = {"temperature": 0.9, "top_k": 4}
+
+
+def _pvalue(a, b) -> float:
+    def code(gens):
+        t = torch.tensor([(g.tokens + [95] * 3)[:3] for g in gens])  # a row that stopped early: 95 pads it
+        return t[:, 0] * 96 * 96 + t[:, 1] * 96 + t[:, 2]
+
+    a, b = code(a), code(b)
+    cats = torch.unique(torch.cat([a, b]))
+
+    def counts(x):
+        return (x[:, None] == cats[None, :]).sum(0)
+
+    return chi2_sf(*chi2_two_sample(counts(a), counts(b)))
+
+
+@pytest.mark.parametrize("rule", ["match", "rejection"])
+def test_sampling_matches_ar_in_distribution(model, rule):
+    ar = generate(model, [PROMPT] * N, mode="ar", max_new_tokens=3, seed=0, **KW)
+    sp = generate(model, [PROMPT] * N, mode="linear", block_len=4, max_new_tokens=3, seed=N, acceptance=rule, **KW)
+    assert all(g.stats["acceptance_rule"] == rule for g in sp)
+    assert _pvalue(ar, sp) >= 1e-3
+
+
+def test_match_reproduces_ar_for_the_same_seed_and_batches_do_not_matter(model):
+    ar = generate(model, PROMPTS, mode="ar", max_new_tokens=20, seed=7, temperature=1.0)
+    sp = generate(model, PROMPTS, mode="linear", block_len=4, max_new_tokens=20, seed=7, temperature=1.0,
+                  acceptance="match")
+    assert [g.tokens for g in sp] == [g.tokens for g in ar]
+    kw = {"max_new_tokens": 21, "block_len": 4, "temperature": 1.0, "top_p": 0.95, "acceptance": "rejection"}
+    batched = generate(model, PROMPTS, mode="linear", seed=[11, 12, 13, 14], **kw)
+    for p, s, g in zip(PROMPTS, [11, 12, 13, 14], batched):
+        assert generate(model, [p], mode="linear", seed=s, **kw)[0].tokens == g.tokens
+
+
+# -- files and bad input ----------------------------------------------------------------------------
+def test_save_load_roundtrip_and_load_model_attaches_it(model, tmp_path):
+    from trimode.checkpoint import load_model, save_model
+
+    fd = model.feature_drafter
+    save_model(model, tmp_path / "m")
+    fd.save(tmp_path / "m" / "feature_drafter", training={"steps": 250})
+    back = load_feature_drafter(tmp_path / "m" / "feature_drafter", model.config, dtype=torch.float32)
+    assert back.meta["training"] == {"steps": 250}
+    assert torch.equal(back.ids, fd.ids)
+    for (k, a), (_, b) in zip(fd.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    m2 = load_model(tmp_path / "m", dtype=torch.float32)
+    assert m2.feature_drafter is not None
+    want = generate(model, PROMPTS, mode="linear", block_len=5, max_new_tokens=24, tree_nodes=8)
+    got = generate(m2, PROMPTS, mode="linear", block_len=5, max_new_tokens=24, tree_nodes=8)
+    assert [g.tokens for g in got] == [g.tokens for g in want]
+    assert [g.nfe for g in got] == [g.nfe for g in want]
+
+
+def test_bad_drafter_files_are_clear_errors(model, tmp_path):
+    fd = model.feature_drafter
+    d = tmp_path / "fd"
+    fd.save(d)
+    other = tiny_model(dtype=torch.float32).config.replace(hidden_size=32, head_dim=8)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_feature_drafter(d, other)
+    info = json.loads((d / CONFIG_FILE).read_text())
+    (d / CONFIG_FILE).write_text(json.dumps({**info, "ids": [1, 2, 500]}))
+    with pytest.raises(ValueError, match="vocabulary must be ids"):
+        load_feature_drafter(d, model.config)
+    (d / CONFIG_FILE).write_text(json.dumps({**info, "format": 99}))
+    with pytest.raises(ValueError, match="format-1"):
+        load_feature_drafter(d, model.config)
+    (d / CONFIG_FILE).write_text(json.dumps(info))
+    (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:100])
+    with pytest.raises(ValueError):
+        load_feature_drafter(d, model.config)
+    with pytest.raises(ValueError, match="holds no feature drafter"):
+        load_feature_drafter(tmp_path / "nothing", model.config)
+    with pytest.raises(ValueError, match="fits a model"):
+        tiny_model(dtype=torch.float32).set_feature_drafter(FeatureDrafter(other, torch.arange(10)))

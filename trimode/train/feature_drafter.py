@@ -1,0 +1,253 @@
+"""`trimode train-feature-drafter`: train the feature-level drafter (trimode/feature_drafter.py) on the
+verifier's own hidden states.
+
+Data: a self-distillation cache of `trimode train-drafter --data-cache` (prompts + the model's own
+greedy continuations). The frozen verifier runs once over every sequence and its final-normed hidden
+states f_t are kept (cached to --features-cache). For every pair j the drafter sees (f_j + noise,
+embed(x_{j+1})) causally and is trained, as in EAGLE (arXiv 2401.15077), to predict f_{j+1}
+(smooth-L1, weight --reg-weight) and the verifier's next-token distribution softmax(head(f_{j+1}))
+over the drafter's vocabulary (cross-entropy against those soft targets, weight --ce-weight). The
+uniform feature noise (--noise, relative to the features' RMS) stands in for the drafter's own
+errors when it drafts several steps from its predicted features. A held-out share of the sequences
+(--heldout) reports top-1 agreement with the verifier after every --eval-every steps.
+
+Resumable: --out holds trainer_state.pt (weights, optimiser, step, RNG); the finished drafter is
+written to --out (feature_drafter.json / .safetensors) and loads with `--feature-drafter DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .._io import check_writable_dir, load_state
+
+STATE = "trainer_state.pt"
+
+
+def compute_features(model, tokens: torch.Tensor, lengths: torch.Tensor, *, batch: int, log=print) -> torch.Tensor:
+    """The verifier's final-normed hidden states (N, L, hidden) of right-padded sequences, bf16."""
+    N, L = tokens.shape
+    out = torch.zeros(N, L, model.config.hidden_size, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, N, batch):
+            x = tokens[i: i + batch]
+            T = int(lengths[i: i + batch].max())
+            h, _ = model.features(x[:, :T].to(model.device))
+            out[i: i + batch, :T] = h.to(torch.bfloat16).cpu()
+            if (i // batch) % 10 == 0:
+                log(f"  features {min(i + batch, N)}/{N} ({time.perf_counter() - t0:.0f}s)")
+    return out
+
+
+def drafter_vocab(model_dir: Path, tok, seqs: dict, size: int, vocab_size: int, *, eos_id, mask_id,
+                  log=print) -> torch.Tensor:
+    """The drafter's vocabulary: the `size` ids ranked by the equal-weight mixture of the self-distilled
+    targets' frequencies, the training splits and the Python stdlib (as scripts/make_draft_vocab.py)."""
+    from .. import draftvocab
+
+    seen = seqs["tokens"][seqs["valid"].bool()].reshape(-1)
+    corpus = draftvocab.corpus_counts(tok, vocab_size, log=log)
+    score = draftvocab.mixture(torch.bincount(seen, minlength=vocab_size), *corpus.values())
+    keep = [eos_id] if eos_id is not None else []
+    drop = [mask_id] if mask_id is not None else []
+    return draftvocab.from_counts(score, size, keep=keep, drop=drop)
+
+
+def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *, noise: float,
+              reg_weight: float, ce_weight: float, gen: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch of sequences (feats (B, L, h) bf16, tokens (B, L), lengths (B,))."""
+    B, L = tokens.shape
+    T = int(lengths.max()) - 1  # pairs j = 0 .. len - 2 (the target feature f_{j+1} must exist)
+    f_in, f_out = feats[:, :T].float(), feats[:, 1: T + 1].float()
+    if noise > 0:
+        rms = f_in.pow(2).mean().sqrt()
+        u = torch.rand(f_in.shape, generator=gen) * 2 - 1
+        f_in = f_in + u * noise * rms
+    emb = base.embed_tokens(tokens[:, 1: T + 1]).detach()
+    pos = torch.arange(1, T + 1)[None, :].expand(B, T)
+    pred = fd(f_in, emb, pos).float()  # (B, T, h)
+    valid = (torch.arange(T)[None, :] < (lengths[:, None] - 1)).float()  # (B, T)
+    rows = fd.head_rows(base).float()
+    with torch.no_grad():
+        target = F.softmax(F.linear(f_out, rows), dim=-1)
+    logp = F.log_softmax(F.linear(pred, rows), dim=-1)
+    ce = -(target * logp).sum(-1)
+    reg = F.smooth_l1_loss(pred, f_out, reduction="none").mean(-1)
+    n = valid.sum().clamp(min=1)
+    ce_m, reg_m = (ce * valid).sum() / n, (reg * valid).sum() / n
+    with torch.no_grad():
+        top1 = ((logp.argmax(-1) == target.argmax(-1)).float() * valid).sum() / n
+    return ce_weight * ce_m + reg_weight * reg_m, {"ce": float(ce_m.detach()), "reg": float(reg_m.detach()),
+                                                   "top1": float(top1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="trimode train-feature-drafter", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="model directory or name (default smollm2)")
+    p.add_argument("--data-cache", required=True, help="self-distillation cache (.pt) of train-drafter --data-cache")
+    p.add_argument("--features-cache", default=None, help="where the verifier's features are cached (.pt)")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--noise", type=float, default=0.1, help="uniform feature noise, relative to their RMS")
+    p.add_argument("--reg-weight", type=float, default=1.0)
+    p.add_argument("--ce-weight", type=float, default=0.1)
+    p.add_argument("--heldout", type=float, default=0.05, help="share of sequences held out for evaluation")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--feature-batch", type=int, default=16)
+    p.add_argument("--init-layer", type=int, default=-1, help="base layer the block starts from (default: the last)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "vocab", "eval_every", "save_every", "log_every", "feature_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.heldout < 1:
+        p.error("--heldout must lie in [0, 1)")
+    try:
+        return train(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args) -> int:
+    from ..checkpoint import load_model
+    from ..feature_drafter import FeatureDrafter, init_from_base
+    from ..models import resolve_model
+    from ..tokenizer import load_tokenizer
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+
+    out = Path(args.out)
+    check_writable_dir(out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    mdir = resolve_model(args.model, log=log)
+    base = load_model(mdir, dtype=torch.bfloat16)
+    base.eval()
+    for q in base.parameters():
+        q.requires_grad_(False)
+    c = base.config
+    tok = load_tokenizer(mdir)
+    seqs = load_state(Path(args.data_cache), "the self-distillation cache")
+    tokens, lengths = seqs["tokens"].long(), seqs["lengths"].long()
+    N = tokens.shape[0]
+    fc_path = Path(args.features_cache) if args.features_cache else None
+    if fc_path is not None and fc_path.exists():
+        feats = torch.load(fc_path)
+        if tuple(feats.shape[:2]) != tuple(tokens.shape):
+            raise ValueError(f"{fc_path} holds features of shape {tuple(feats.shape)}, not of these sequences")
+        log(f"features of {N} sequences from {fc_path}")
+    else:
+        log(f"computing the verifier's features of {N} sequences")
+        feats = compute_features(base, tokens, lengths, batch=args.feature_batch, log=log)
+        if fc_path is not None:
+            fc_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(feats, fc_path)
+    order = list(range(N))
+    random.Random(args.seed).shuffle(order)
+    n_held = int(round(N * args.heldout))
+    held, train_idx = order[:n_held], order[n_held:]
+    state_path = out / STATE
+    state = None
+    if state_path.exists() and not args.no_resume:
+        state = load_state(state_path, "the trainer state")
+        ids = state["ids"]
+        log(f"resuming from {state_path} at step {state['step']}")
+    else:
+        ids = drafter_vocab(mdir, tok, seqs, args.vocab, c.vocab_size, eos_id=c.eos_token_id,
+                            mask_id=c.mask_token_id, log=log)
+    fd = FeatureDrafter(c, ids)
+    if state is None:
+        init_from_base(fd, base, layer=args.init_layer, seed=args.seed)
+    else:
+        fd.load_state_dict(state["model"])
+    fd.float()
+    params = [q for q in fd.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+    gen = torch.Generator().manual_seed(args.seed + step)
+    rng = random.Random(args.seed * 7919 + step)
+    log(f"feature drafter: {sum(q.numel() for q in params):,} parameters, vocabulary {fd.ids.numel()}, "
+        f"{len(train_idx)} training / {len(held)} held-out sequences")
+
+    def lr_at(s: int) -> float:
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        frac = (s - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    def evaluate() -> dict:
+        if not held:
+            return {}
+        fd.eval()
+        tot = {"ce": 0.0, "reg": 0.0, "top1": 0.0}
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, len(held), args.batch):
+                b = held[i: i + args.batch]
+                _, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=0.0, reg_weight=args.reg_weight,
+                                 ce_weight=args.ce_weight)
+                for k in tot:
+                    tot[k] += m[k] * len(b)
+        fd.train()
+        return {k: round(v / len(held), 4) for k, v in tot.items()}
+
+    def save_state() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": fd.state_dict(), "opt": opt.state_dict(), "step": step, "ids": fd.ids,
+                    "args": vars(args)}, tmp)
+        tmp.replace(state_path)
+
+    t0 = time.perf_counter()
+    fd.train()
+    while step < args.steps:
+        b = rng.sample(train_idx, min(args.batch, len(train_idx)))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=args.noise,
+                                reg_weight=args.reg_weight, ce_weight=args.ce_weight, gen=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % args.log_every == 0 or step == 1:
+            log(f"step {step} loss {float(loss):.4f} ce {m['ce']:.3f} reg {m['reg']:.4f} top1 {m['top1']:.3f} "
+                f"lr {lr_at(step - 1):.2e} ({time.perf_counter() - t0:.0f}s)")
+        if step % args.eval_every == 0 or step == args.steps:
+            log(f"eval step {step} held-out {evaluate()}")
+        if step % args.save_every == 0 or step == args.steps:
+            save_state()
+    final = evaluate()
+    fd.to(torch.bfloat16).save(out, training={
+        "data_cache": str(args.data_cache), "sequences": len(train_idx), "heldout_sequences": len(held),
+        "steps": step, "batch": args.batch, "lr": args.lr, "noise": args.noise, "reg_weight": args.reg_weight,
+        "ce_weight": args.ce_weight, "heldout_eval": final,
+        "command": "trimode train-feature-drafter " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train-feature-drafter"]
+                                                               else sys.argv[1:])})
+    log(f"wrote the feature drafter to {out} (held-out {final})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
