@@ -1,7 +1,8 @@
 """The feature drafter (EAGLE-style) in linear mode: greedy == AR, sampling lossless, files, bad input.
 
 The drafter is trained here for a few hundred steps on the tiny model's own greedy continuations, so
-its drafts are often right and the verify paths that accept drafts (chain and tree) are exercised.The test prompts' own continuations are in its training data: these tests check the decoding, not
+its drafts are often right and the verify paths that accept drafts (chain and tree) are exercised.
+The test prompts' own continuations are in its training data: these tests check the decoding, not
 how well a drafter generalises."""
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from trimode.feature_drafter import (
     load_feature_drafter,
 )
 from trimode.train.feature_drafter import compute_features, pair_loss
-
 
 PROMPT = [5, 17, 33, 2]
 

@@ -254,7 +254,8 @@ class FeatureDraftDecoder(Decoder):
             T_par.append(par[:n])
             T_dep.append(dep[:n])
         dev = self.dev
-        return tr.Tree(torch.tensor(T_tok, device=dev), torch.tensor(T_par, device=dev), torch.tensor(T_dep, device=dev))
+        return tr.Tree(torch.tensor(T_tok, device=dev), torch.tensor(T_par, device=dev),
+                       torch.tensor(T_dep, device=dev))
 
     def _carry(self, h: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor) -> None:
         """The next cycle's pending pairs: (feature of walked slot i, emitted token i) for i < n."""

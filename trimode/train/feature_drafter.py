@@ -243,8 +243,8 @@ def train(args) -> int:
         "data_cache": str(args.data_cache), "sequences": len(train_idx), "heldout_sequences": len(held),
         "steps": step, "batch": args.batch, "lr": args.lr, "noise": args.noise, "reg_weight": args.reg_weight,
         "ce_weight": args.ce_weight, "heldout_eval": final,
-        "command": "trimode train-feature-drafter " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train-feature-drafter"]
-                                                               else sys.argv[1:])})
+        "command": "trimode train-feature-drafter " + " ".join(
+            sys.argv[2:] if sys.argv[1:2] == ["train-feature-drafter"] else sys.argv[1:])})
     log(f"wrote the feature drafter to {out} (held-out {final})")
     return 0
 
