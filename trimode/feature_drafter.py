@@ -66,6 +66,7 @@ class FeatureDrafter(nn.Module):
         self.register_buffer("ids", ids, persistent=False)
         self.meta: dict[str, Any] = {}
         self._rows: tuple | None = None  # (key, head rows of `ids`) gathered from the base head
+        self._extra: tuple | None = None  # (extra ids, rows, ids + extra, their head rows): the last request's
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,12 +106,15 @@ class FeatureDrafter(nn.Module):
         """Draft logits of predicted features h (..., hidden) over the drafter's vocabulary plus the ids
         in `extra` (a request's own tokens): (logits (..., n), their token ids (n,))."""
         ids, rows = self.ids.to(h.device), self.head_rows(base)
-        if extra is not None and extra.numel():
+        z = F.linear(h.to(rows.dtype), rows)
+        if extra is None or not extra.numel():
+            return z, ids
+        if self._extra is None or self._extra[0] is not extra or self._extra[1] is not rows:
+            qh = base.quant_head if base.head_weight().numel() == 0 else None
             extra = extra.to(h.device)
-            ids = torch.cat([ids, extra])
-            rows = torch.cat([rows, base._head_rows(extra, base.quant_head if base.head_weight().numel() == 0
-                                                    else None).to(rows.dtype)])
-        return F.linear(h.to(rows.dtype), rows), ids
+            self._extra = (extra, rows, torch.cat([ids, extra]), base._head_rows(extra, qh).to(rows.dtype))
+        _, _, all_ids, extra_rows = self._extra
+        return torch.cat([z, F.linear(h.to(rows.dtype), extra_rows)], dim=-1), all_ids
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, directory: str | Path, **meta: Any) -> Path:

@@ -239,11 +239,13 @@ def write_decoding(model_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
         raise ValueError(f"model directory {d} does not exist")
     old = read_decoding(d)
     merged = {**old, **info}
-    for key in ("block_len", "tree_nodes", "tokens_per_s"):
+    for key in ("block_len", "tree_nodes", "tokens_per_s", "drafter"):
         if key in old or key in info:
             merged[key] = {**old.get(key, {}), **info.get(key, {})}
     if "linear" in info.get("block_len", {}) and "linear" not in info.get("tree_nodes", {}):
         merged.get("tree_nodes", {}).pop("linear", None)  # a chain won this time: drop an older tree
+    if "linear" in info.get("block_len", {}) and "linear" not in info.get("drafter", {}):
+        merged.get("drafter", {}).pop("linear", None)
     by_cat = dict(old.get("by_category", {}))
     for c, v in info.get("by_category", {}).items():
         by_cat[c] = {**by_cat.get(c, {}), **v}
@@ -277,6 +279,8 @@ def choose_block_lens(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["block_len"][m] = best["block_len"]
         if best.get("tree_nodes"):
             out.setdefault("tree_nodes", {})[m] = best["tree_nodes"]
+        if m == "linear" and best.get("drafter") in ("adapter", "feature"):
+            out.setdefault("drafter", {})[m] = best["drafter"]
         out["tokens_per_s"][m] = {r["config"] if "config" in r else str(r["block_len"]): round(r["tokens_per_s"], 3)
                                   for r in rs}
         cats = {c for r in rs for c in r.get("categories", {})}
@@ -304,7 +308,7 @@ def stored_tree_nodes(model, mode: str, block_len: int) -> int:
     return v if isinstance(v, int) and v >= 0 else 0
 
 
-def for_inference(model, *, draft_vocab: bool = True):
+def for_inference(model, *, draft_vocab: bool = True, feature_drafter: str | os.PathLike | None = None):
     """Merge the draft adapter into a second copy of the weights it adapts (`Transformer.merge_adapter`):
     the linear draft pass then runs plain matmuls (measured: a 6-token draft forward 1.15x -> 1.08-1.13x
     an AR step on SmolLM2, bf16, one thread). draft_vocab=False drops a draft vocabulary the adapter
@@ -312,6 +316,11 @@ def for_inference(model, *, draft_vocab: bool = True):
     the model."""
     if not draft_vocab:
         model.set_draft_vocab(None)
+    if feature_drafter is not None:  # --feature-drafter DIR: this one instead of the model's own
+        from .feature_drafter import load_feature_drafter
+
+        model.set_feature_drafter(load_feature_drafter(feature_drafter, model.config, dtype=model.dtype,
+                                                       device=model.device))
     if "draft" in model.adapter_names() and not getattr(model, "quantization", None):
         model.merge_adapter("draft")  # (a quantized base keeps its adapter unmerged, in full precision)
     model.fuse_projections()  # q/k/v and gate/up as one matmul each where no adapter acts on them

@@ -104,10 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quadratic-ks", type=_ints, default=[8, 16])
     p.add_argument("--accept", type=_floats, default=[2.0, 3.0, 5.46, 6.82], help="synthetic: acceptance lengths")
     p.add_argument("--device", default="cpu")
-    from ..cli import COMPILE_HELP, FULL_DRAFT_VOCAB_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
+    from ..cli import COMPILE_HELP, FEATURE_DRAFTER_HELP, FULL_DRAFT_VOCAB_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--full-draft-vocab", action="store_true", help=FULL_DRAFT_VOCAB_HELP)
+    p.add_argument("--feature-drafter", default=None, help=FEATURE_DRAFTER_HELP)
+    p.add_argument("--drafters", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="linear drafters to run, comma-separated: adapter, feature (default: both when the model "
+                        "has a feature drafter)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--dtype", default=None,
                    help="float32 | bfloat16 | auto (fastest here) (default: stored; synthetic: bf16 on cuda)")
@@ -189,7 +193,8 @@ def load(args: argparse.Namespace):
     path = resolve_model(args.model)
     args.model_path = path
     model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
-                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab)
+                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab,
+                          feature_drafter=args.feature_drafter)
     if args.compile:
         model.compile_decode()  # compiled during the warm-up, before anything is timed
     tok = load_tokenizer(path)
@@ -220,6 +225,7 @@ def make_configs(args: argparse.Namespace, model) -> list:
     if any(k < 1 for k in ks):
         raise ValueError(f"block lengths must be >= 1, got {ks}")
     configs = [Config("ar")]
+    drafters = linear_drafters(args, model)
     for k in ks:
         if "diffusion" in args.modes:
             configs += [Config("diffusion", k, t) for t in args.thresholds]
@@ -227,11 +233,24 @@ def make_configs(args: argparse.Namespace, model) -> list:
             configs.append(Config("diffusion", k, None, policy="oracle"))
         for m in ("linear", "quadratic"):
             if m in args.modes:
-                configs.append(Config(m, k))
+                configs += [Config(m, k, drafter=d) for d in (drafters if m == "linear" else ["auto"])]
         if "linear" in args.modes and k > 2:
             room = sum(3 ** d for d in range(1, k))  # nodes a tree of branch 3 can hold over k - 1 slots
-            configs += [Config("linear", k, tree_nodes=n) for n in args.tree_nodes if k - 1 < n <= room]
+            configs += [Config("linear", k, tree_nodes=n, drafter=d) for d in drafters
+                        for n in args.tree_nodes if k - 1 < n <= room]
     return configs
+
+
+def linear_drafters(args: argparse.Namespace, model) -> list[str]:
+    """The linear drafters to run: --drafters, else both when the model has a feature drafter."""
+    has = getattr(model, "feature_drafter", None) is not None
+    want = args.drafters or (["adapter", "feature"] if has else ["adapter"])
+    bad = [d for d in want if d not in ("adapter", "feature")]
+    if bad:
+        raise ValueError(f"--drafters: unknown drafter {bad[0]!r}; choose adapter, feature")
+    if "feature" in want and not has:
+        raise ValueError("--drafters feature: this model has no feature drafter (pass --feature-drafter DIR)")
+    return want
 
 
 def run_all(args, model, suites, configs, *, eos_id, peers_on: bool):

@@ -34,6 +34,7 @@ class Config:
     threshold: float | None = None
     policy: str = "threshold"
     tree_nodes: int = 0  # linear: a verify tree of this many draft nodes (0: a chain)
+    drafter: str = "auto"  # linear: "adapter" (a draft pass of the model) or "feature" (its feature drafter)
 
     @property
     def label(self) -> str:
@@ -43,7 +44,8 @@ class Config:
             if self.policy == "oracle":
                 return f"sol k={self.block_len}"
             return f"diffusion k={self.block_len} t={self.threshold}"
-        return f"{self.mode} k={self.block_len}" + (f" tree{self.tree_nodes}" if self.tree_nodes else "")
+        return (f"{self.mode} k={self.block_len}" + (f" tree{self.tree_nodes}" if self.tree_nodes else "")
+                + (" feature" if self.mode == "linear" and self.drafter == "feature" else ""))
 
     @property
     def speculative(self) -> bool:
@@ -120,7 +122,8 @@ def decode_batch(
         opts["policy"] = oracle_policy(reference)
     mode, cfg, rows = prepare(
         timed, [list(p.tokens) for p in prompts], mode=config.mode, max_new_tokens=max_new_tokens,
-        block_len=config.block_len, threshold=config.threshold, eos_id=eos_id, tree_nodes=config.tree_nodes, **opts,
+        block_len=config.block_len, threshold=config.threshold, eos_id=eos_id, tree_nodes=config.tree_nodes,
+        drafter=config.drafter if config.mode == "linear" else "auto", **opts,
     )
     start = len(timed.calls)
     forwards = 0

@@ -36,7 +36,10 @@ def resolve_drafter(model: DecodableModel, drafter: str) -> str:
     """Linear mode's drafter: "feature" (the model's feature drafter) or "adapter" (a draft pass of the
     model itself); "auto" is "feature" when the model carries one."""
     if drafter == "auto":
-        return "feature" if feature_drafter_of(model) is not None else "adapter"
+        if feature_drafter_of(model) is None:
+            return "adapter"
+        stored = (getattr(model, "decoding", None) or {}).get("drafter", {}).get("linear")  # measured, decoding.json
+        return stored if stored in ("adapter", "feature") else "feature"
     return drafter
 
 
@@ -226,7 +229,8 @@ def generate(
     stats["acceptance_rule"] says which ran). Other options: steps,
     draft_adapter (name of the LoRA used in draft passes, default "draft" when present), drafter
     (linear mode: "adapter", "feature" (the model's feature drafter, trimode/feature_drafter.py) or
-    "auto", the feature drafter when the model has one),
+    "auto": the one stored with the model's measured defaults, else the feature drafter when the model
+    has one),
     draft_override (a hook replacing draft proposals), policy (diffusion unmasking policy object,
     e.g. `Oracle(reference)`; overrides threshold / steps). images (a vision-language model): one
     entry per prompt, None or a list of images (bytes, paths, data: URLs, PIL images), each placed at

@@ -152,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     rt = p.add_argument_group("runtime")
     rt.add_argument("--dtype", default=None,
                     help="float32 | bfloat16 | float64 | auto (fastest here) (default: as stored)")
-    from ..cli import COMPILE_HELP, FULL_DRAFT_VOCAB_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
+    from ..cli import COMPILE_HELP, FEATURE_DRAFTER_HELP, FULL_DRAFT_VOCAB_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 
     rt.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     rt.add_argument("--full-draft-vocab", action="store_true", help=FULL_DRAFT_VOCAB_HELP)
+    rt.add_argument("--feature-drafter", default=None, help=FEATURE_DRAFTER_HELP)
     rt.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     rt.add_argument("--device", default="cpu", help="torch device of the model")
     rt.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -210,7 +211,8 @@ def build(args: argparse.Namespace):
     from ..models import for_inference
 
     model = for_inference(load_model(path, dtype=_dtype(args.dtype, args.device), device=args.device,
-                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab)
+                                     quantize=args.quantize), draft_vocab=not args.full_draft_vocab,
+                          feature_drafter=args.feature_drafter)
     tok = load_tokenizer(path)
     if tok is None:
         raise ValueError(f"{path} has no tokenizer.json; the server needs one")

@@ -62,10 +62,44 @@ def drafter_vocab(model_dir: Path, tok, seqs: dict, size: int, vocab_size: int, 
     return draftvocab.from_counts(score, size, keep=keep, drop=drop)
 
 
+class _Unrolled:
+    """A cache-like key/value store for unrolled training steps: step s's queries see the keys of steps
+    0 .. s (concatenated, nothing written in place, so gradients flow through every step)."""
+
+    def __init__(self) -> None:
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.T = 0
+
+    def begin(self, T: int) -> int:
+        self.T = T
+        return T * (len(self.k) + 1)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.append(k)
+        self.v.append(v)
+        return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
+
+
+def unroll_mask(T: int, step: int) -> torch.Tensor:
+    """(T, (step + 1) T): the query of unrolled step `step` at pair j sees the true entries of pairs
+    <= j - step (step 0's keys) and, for each later step b, its own chain's entry at pair j - step + b:
+    exactly what drafting step + 1 tokens after the true pair j - step sees at inference."""
+    j = torch.arange(T)[:, None]
+    i = torch.arange(T)[None, :]
+    parts = [i <= j - step] + [i == j - step + b for b in range(1, step + 1)]
+    return torch.cat(parts, dim=1)
+
+
 def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *, noise: float,
-              reg_weight: float, ce_weight: float, gen: torch.Generator | None = None
+              reg_weight: float, ce_weight: float, gen: torch.Generator | None = None, unroll: int = 1
               ) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch of sequences (feats (B, L, h) bf16, tokens (B, L), lengths (B,))."""
+    """Loss of one batch of sequences (feats (B, L, h) bf16, tokens (B, L), lengths (B,)).
+
+    unroll > 1 trains the drafter on its own predictions too (as EAGLE-3's training-time test): step
+    s feeds the feature step s - 1 predicted for each pair back in, attending to the true entries up
+    to s pairs back and to its own chain (`unroll_mask`); every step is scored against the same
+    targets, steps weighted equally."""
     B, L = tokens.shape
     T = int(lengths.max()) - 1  # pairs j = 0 .. len - 2 (the target feature f_{j+1} must exist)
     f_in, f_out = feats[:, :T].float(), feats[:, 1: T + 1].float()
@@ -75,20 +109,29 @@ def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torc
         f_in = f_in + u * noise * rms
     emb = base.embed_tokens(tokens[:, 1: T + 1]).detach()
     pos = torch.arange(1, T + 1)[None, :].expand(B, T)
-    pred = fd(f_in, emb, pos).float()  # (B, T, h)
-    valid = (torch.arange(T)[None, :] < (lengths[:, None] - 1)).float()  # (B, T)
     rows = fd.head_rows(base).float()
     with torch.no_grad():
         target = F.softmax(F.linear(f_out, rows), dim=-1)
-    logp = F.log_softmax(F.linear(pred, rows), dim=-1)
-    ce = -(target * logp).sum(-1)
-    reg = F.smooth_l1_loss(pred, f_out, reduction="none").mean(-1)
-    n = valid.sum().clamp(min=1)
-    ce_m, reg_m = (ce * valid).sum() / n, (reg * valid).sum() / n
-    with torch.no_grad():
-        top1 = ((logp.argmax(-1) == target.argmax(-1)).float() * valid).sum() / n
-    return ce_weight * ce_m + reg_weight * reg_m, {"ce": float(ce_m.detach()), "reg": float(reg_m.detach()),
-                                                   "top1": float(top1)}
+    store = _Unrolled() if unroll > 1 else None
+    total, out = 0.0, {}
+    cur = f_in
+    for step in range(unroll):
+        if step:
+            cur = torch.cat([f_in[:, :1], pred[:, :-1].to(f_in.dtype)], dim=1)  # pair j gets step-1's f^_j
+        mask = unroll_mask(T, step)[None].expand(B, -1, -1) if store is not None else None
+        pred = fd(cur, emb, pos, mask=mask, cache=store).float()  # (B, T, h)
+        valid = ((torch.arange(T)[None, :] < (lengths[:, None] - 1)) & (torch.arange(T)[None, :] >= step)).float()
+        logp = F.log_softmax(F.linear(pred, rows), dim=-1)
+        ce = -(target * logp).sum(-1)
+        reg = F.smooth_l1_loss(pred, f_out, reduction="none").mean(-1)
+        n = valid.sum().clamp(min=1)
+        ce_m, reg_m = (ce * valid).sum() / n, (reg * valid).sum() / n
+        total = total + (ce_weight * ce_m + reg_weight * reg_m) / unroll
+        with torch.no_grad():
+            top1 = ((logp.argmax(-1) == target.argmax(-1)).float() * valid).sum() / n
+        sfx = "" if step == 0 else f"_{step + 1}"
+        out.update({f"ce{sfx}": float(ce_m.detach()), f"reg{sfx}": float(reg_m.detach()), f"top1{sfx}": float(top1)})
+    return total, out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,16 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.1, help="uniform feature noise, relative to their RMS")
     p.add_argument("--reg-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.1)
+    p.add_argument("--unroll", type=int, default=1,
+                   help="train on the drafter's own predictions for this many chained steps (1: teacher features)")
     p.add_argument("--heldout", type=float, default=0.05, help="share of sequences held out for evaluation")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--feature-batch", type=int, default=16)
+    p.add_argument("--init", default=None, help="start from this feature drafter (its weights and vocabulary)")
     p.add_argument("--init-layer", type=int, default=-1, help="base layer the block starts from (default: the last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "vocab", "eval_every", "save_every", "log_every", "feature_batch"):
+    for name in ("steps", "batch", "vocab", "unroll", "eval_every", "save_every", "log_every", "feature_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.heldout < 1:
@@ -128,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args) -> int:
     from ..checkpoint import load_model
-    from ..feature_drafter import FeatureDrafter, init_from_base
+    from ..feature_drafter import FeatureDrafter, init_from_base, load_feature_drafter
     from ..models import resolve_model
     from ..tokenizer import load_tokenizer
 
@@ -170,14 +216,20 @@ def train(args) -> int:
         state = load_state(state_path, "the trainer state")
         ids = state["ids"]
         log(f"resuming from {state_path} at step {state['step']}")
+    elif args.init:
+        start = load_feature_drafter(args.init, c, dtype=torch.float32)
+        ids = start.ids
+        log(f"starting from the feature drafter in {args.init}")
     else:
         ids = drafter_vocab(mdir, tok, seqs, args.vocab, c.vocab_size, eos_id=c.eos_token_id,
                             mask_id=c.mask_token_id, log=log)
     fd = FeatureDrafter(c, ids)
-    if state is None:
-        init_from_base(fd, base, layer=args.init_layer, seed=args.seed)
-    else:
+    if state is not None:
         fd.load_state_dict(state["model"])
+    elif args.init:
+        fd.load_state_dict(start.state_dict())
+    else:
+        init_from_base(fd, base, layer=args.init_layer, seed=args.seed)
     fd.float()
     params = [q for q in fd.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -200,22 +252,33 @@ def train(args) -> int:
         if not held:
             return {}
         fd.eval()
-        tot = {"ce": 0.0, "reg": 0.0, "top1": 0.0}
+        tot: dict[str, float] = {}
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             for i in range(0, len(held), args.batch):
                 b = held[i: i + args.batch]
                 _, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=0.0, reg_weight=args.reg_weight,
-                                 ce_weight=args.ce_weight)
-                for k in tot:
-                    tot[k] += m[k] * len(b)
+                                 ce_weight=args.ce_weight, unroll=max(2, args.unroll))
+                for k, v in m.items():
+                    tot[k] = tot.get(k, 0.0) + v * len(b)
         fd.train()
         return {k: round(v / len(held), 4) for k, v in tot.items()}
+
+    def training_info(final: dict | None) -> dict:
+        return {"data_cache": str(args.data_cache), "sequences": len(train_idx), "heldout_sequences": len(held),
+                "steps": step, "batch": args.batch, "lr": args.lr, "noise": args.noise,
+                "reg_weight": args.reg_weight, "ce_weight": args.ce_weight, "unroll": args.unroll, "init": args.init,
+                "heldout_eval": final,
+                "command": "trimode train-feature-drafter " + " ".join(
+                    sys.argv[2:] if sys.argv[1:2] == ["train-feature-drafter"] else sys.argv[1:])}
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": fd.state_dict(), "opt": opt.state_dict(), "step": step, "ids": fd.ids,
                     "args": vars(args)}, tmp)
         tmp.replace(state_path)
+        snap = FeatureDrafter(c, fd.ids)  # the drafter so far, usable while training goes on
+        snap.load_state_dict(fd.state_dict())
+        snap.to(torch.bfloat16).save(out, training=training_info(None))
 
     t0 = time.perf_counter()
     fd.train()
@@ -225,26 +288,22 @@ def train(args) -> int:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=args.noise,
-                                reg_weight=args.reg_weight, ce_weight=args.ce_weight, gen=gen)
+                                reg_weight=args.reg_weight, ce_weight=args.ce_weight, gen=gen, unroll=args.unroll)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         if step % args.log_every == 0 or step == 1:
-            log(f"step {step} loss {float(loss):.4f} ce {m['ce']:.3f} reg {m['reg']:.4f} top1 {m['top1']:.3f} "
+            tops = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("top1"))
+            log(f"step {step} loss {float(loss):.4f} ce {m['ce']:.3f} reg {m['reg']:.4f} {tops} "
                 f"lr {lr_at(step - 1):.2e} ({time.perf_counter() - t0:.0f}s)")
         if step % args.eval_every == 0 or step == args.steps:
             log(f"eval step {step} held-out {evaluate()}")
         if step % args.save_every == 0 or step == args.steps:
             save_state()
     final = evaluate()
-    fd.to(torch.bfloat16).save(out, training={
-        "data_cache": str(args.data_cache), "sequences": len(train_idx), "heldout_sequences": len(held),
-        "steps": step, "batch": args.batch, "lr": args.lr, "noise": args.noise, "reg_weight": args.reg_weight,
-        "ce_weight": args.ce_weight, "heldout_eval": final,
-        "command": "trimode train-feature-drafter " + " ".join(
-            sys.argv[2:] if sys.argv[1:2] == ["train-feature-drafter"] else sys.argv[1:])})
+    fd.to(torch.bfloat16).save(out, training=training_info(final))
     log(f"wrote the feature drafter to {out} (held-out {final})")
     return 0
 

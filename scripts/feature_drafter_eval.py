@@ -1,0 +1,106 @@
+"""Feature drafters against the draft adapter on held-out prompts: acceptance, tokens per forward, tok/s.
+
+    python scripts/feature_drafter_eval.py DRAFTER_DIR [DRAFTER_DIR ...] [--model smollm2] [--prompts 2]
+        [--max-new-tokens 96] [--feature 4:0,6:12,8:16] [--adapter 8:12] [--dtype bfloat16]
+
+Every prompt runs AR, then the adapter configurations, then each drafter's configurations, back to
+back (interleaved, so the ratios compare like with like on a shared machine); each run is checked
+against AR's tokens. Prompts: the held-out benchmark suites (coding: HumanEval + MBPP test; math: GSM8K
+test; chat: the project's held-out chat set), as `trimode bench` builds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def _specs(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in filter(None, s.split(",")):
+        k, _, n = part.partition(":")
+        out.append((int(k), int(n or 0)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("drafters", nargs="*", help="feature drafter directories ('shipped': the model's own)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--prompts", type=int, default=2, help="per category")
+    p.add_argument("--categories", default="coding,math,chat")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--feature", default="4:0,6:12,8:16", help="k:tree nodes of the feature drafter, comma-separated")
+    p.add_argument("--adapter", default="8:12", help="k:tree nodes of the draft adapter ('' for none)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import torch
+
+    import trimode
+    from trimode.bench.suites import build_suites
+    from trimode.checkpoint import load_model
+    from trimode.feature_drafter import load_feature_drafter
+    from trimode.models import for_inference, resolve_model
+    from trimode.tokenizer import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    tok = load_tokenizer(path)
+    model = for_inference(load_model(path, dtype=getattr(torch, args.dtype)))
+    drafters = {}
+    for d in args.drafters:
+        drafters[d] = (model.feature_drafter if d == "shipped"
+                       else load_feature_drafter(d, model.config, dtype=model.dtype))
+        if drafters[d] is None:
+            raise SystemExit(f"{d}: the model ships no feature drafter")
+    suites = build_suites(tok, categories=args.categories.split(","), n=args.prompts, chat=True, model_dir=path)
+    configs = [("adapter", k, n, None) for k, n in _specs(args.adapter)]
+    configs += [("feature", k, n, d) for d in drafters for k, n in _specs(args.feature)]
+    stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [("ar", 1, 0, None)] + configs}
+    eos = tok.eos_id
+    n_prompts = 0
+    t_start = time.time()
+    for cat, prompts in suites.items():
+        for pr in prompts:
+            ids = list(pr.tokens)
+            t0 = time.perf_counter()
+            ar = trimode.generate(model, [ids], mode="ar", max_new_tokens=args.max_new_tokens, eos_id=eos)[0]
+            st = stats[("ar", 1, 0, None)]
+            st["s"] += time.perf_counter() - t0
+            st["tok"] += len(ar.tokens)
+            st["nfe"] += ar.nfe
+            n_prompts += 1
+            for c in configs:
+                kind, k, n, d = c
+                if d is not None:
+                    model.set_feature_drafter(drafters[d])
+                t0 = time.perf_counter()
+                g = trimode.generate(model, [ids], mode="linear", max_new_tokens=args.max_new_tokens, eos_id=eos,
+                                     block_len=k, tree_nodes=n, drafter=kind)[0]
+                st = stats[c]
+                st["s"] += time.perf_counter() - t0
+                st["tok"] += len(g.tokens)
+                st["nfe"] += g.nfe
+                st["acc"] += g.stats["acceptance"]
+                st["same"] += g.tokens == ar.tokens
+            print(f"  {cat} prompt done ({time.time() - t_start:.0f}s)", flush=True)
+    base = stats[("ar", 1, 0, None)]
+    ar_tps = base["tok"] / base["s"]
+    print(f"load average {os.getloadavg()[0]:.2f}; {n_prompts} prompts x {args.max_new_tokens} tokens, "
+          f"{args.dtype}, {args.threads} thread(s)")
+    print(f"{'config':<34} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
+    for c, st in stats.items():
+        kind, k, n, d = c
+        name = "ar" if kind == "ar" else f"{kind} k={k}" + (f" tree{n}" if n else "") + (f" [{d}]" if d else "")
+        acc = f"{sum(st['acc']) / len(st['acc']):.2f}" if st["acc"] else "-"
+        tps = st["tok"] / st["s"]
+        print(f"{name:<34} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "
+              f"{st['same'] if kind != 'ar' else '-':>6}/{n_prompts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
