@@ -114,7 +114,7 @@ def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torc
         target = F.softmax(F.linear(f_out, rows), dim=-1)
     store = _Unrolled() if unroll > 1 else None
     total, out = 0.0, {}
-    cur = f_in
+    cur, pred = f_in, f_in
     for step in range(unroll):
         if step:
             cur = torch.cat([f_in[:, :1], pred[:, :-1].to(f_in.dtype)], dim=1)  # pair j gets step-1's f^_j
