@@ -137,8 +137,11 @@ def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torc
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="trimode train-feature-drafter", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="model directory or name (default smollm2)")
-    p.add_argument("--data-cache", required=True, help="self-distillation cache (.pt) of train-drafter --data-cache")
-    p.add_argument("--features-cache", default=None, help="where the verifier's features are cached (.pt)")
+    p.add_argument("--data-cache", required=True, nargs="+",
+                   help="self-distillation caches (.pt) of train-drafter --data-cache, or of "
+                        "scripts/make_reference_cache.py (one or more; merged)")
+    p.add_argument("--features-cache", default=None, nargs="+",
+                   help="where the verifier's features of each --data-cache are cached (.pt, one per cache)")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
     p.add_argument("--steps", type=int, default=2000)
@@ -191,21 +194,32 @@ def train(args) -> int:
         q.requires_grad_(False)
     c = base.config
     tok = load_tokenizer(mdir)
-    seqs = load_state(Path(args.data_cache), "the self-distillation cache")
-    tokens, lengths = seqs["tokens"].long(), seqs["lengths"].long()
+    if args.features_cache is not None and len(args.features_cache) != len(args.data_cache):
+        raise ValueError("--features-cache needs one file per --data-cache")
+    parts = []
+    for i, dc in enumerate(args.data_cache):
+        seq = load_state(Path(dc), "the self-distillation cache")
+        tk, ln = seq["tokens"].long(), seq["lengths"].long()
+        fc_path = Path(args.features_cache[i]) if args.features_cache else None
+        if fc_path is not None and fc_path.exists():
+            ft = torch.load(fc_path)
+            if tuple(ft.shape[:2]) != tuple(tk.shape):
+                raise ValueError(f"{fc_path} holds features of shape {tuple(ft.shape)}, not of the sequences in {dc}")
+            log(f"features of {tk.shape[0]} sequences from {fc_path}")
+        else:
+            log(f"computing the verifier's features of {tk.shape[0]} sequences of {dc}")
+            ft = compute_features(base, tk, ln, batch=args.feature_batch, log=log)
+            if fc_path is not None:
+                fc_path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(ft, fc_path)
+        parts.append((seq, tk, ln, ft))
+    Lmax = max(tk.shape[1] for _, tk, _, _ in parts)
+    tokens = torch.cat([F.pad(tk, (0, Lmax - tk.shape[1])) for _, tk, _, _ in parts])
+    lengths = torch.cat([ln for _, _, ln, _ in parts])
+    feats = torch.cat([F.pad(ft, (0, 0, 0, Lmax - ft.shape[1])) for _, _, _, ft in parts])
+    seqs = {"tokens": tokens, "valid": torch.cat([F.pad(q["valid"].bool(), (0, Lmax - q["valid"].shape[1]))
+                                                 for q, _, _, _ in parts])}
     N = tokens.shape[0]
-    fc_path = Path(args.features_cache) if args.features_cache else None
-    if fc_path is not None and fc_path.exists():
-        feats = torch.load(fc_path)
-        if tuple(feats.shape[:2]) != tuple(tokens.shape):
-            raise ValueError(f"{fc_path} holds features of shape {tuple(feats.shape)}, not of these sequences")
-        log(f"features of {N} sequences from {fc_path}")
-    else:
-        log(f"computing the verifier's features of {N} sequences")
-        feats = compute_features(base, tokens, lengths, batch=args.feature_batch, log=log)
-        if fc_path is not None:
-            fc_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(feats, fc_path)
     order = list(range(N))
     random.Random(args.seed).shuffle(order)
     n_held = int(round(N * args.heldout))
