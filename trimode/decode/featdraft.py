@@ -4,8 +4,8 @@ A cycle: (1) the drafter takes the pairs (feature, emitted token) that the last 
 produced and commits them to its own one-layer cache; (2) it drafts K - 1 tokens one after another,
 each step one drafter layer plus the output head over its vocabulary (scratch entries, rolled back
 afterwards); (3) one causal verify forward of the model checks them (a chain, or for greedy batches
-a tree: the drafted chain plus, at every depth, the drafter's next-best tokens as leaves, best-first
-by the drafter's path probability, `tree_nodes` in all) and returns, besides its logits, the features
+a tree grown by beam search over the drafter, `tree_nodes` in all, `_draft_tree`) and returns,
+besides its logits, the features
 of every slot, so the next cycle's pairs come for free. Every emitted token is the verifier's
 prediction given the emitted prefix, so greedy output equals AR greedy output; sampled rows draw each
 draft from the drafter's processed distribution and verify with their rule (`trimode.sampling`):
@@ -132,8 +132,9 @@ class FeatureDraftDecoder(Decoder):
         return out
 
     def _logits(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft logits (..., n) of predicted features (..., hidden) and their token ids (n,)."""
         extra = self._extra_ids(self.fd.ids)
-        z, ids = self.fd.logits(self.model, feat[:, 0], extra)
+        z, ids = self.fd.logits(self.model, feat, extra)
         if self.c.mask_token_id is not None:
             z = z.masked_fill(ids[None, :] == self.c.mask_token_id, float("-inf"))
         return z, ids
@@ -160,7 +161,7 @@ class FeatureDraftDecoder(Decoder):
             u = sampler.uniforms(self.starts(), D)[..., U_DRAFT]
             qs = []
             for i in range(D):
-                z, ids = self._logits(feat)
+                z, ids = self._logits(feat[:, 0])
                 full = z.new_full((B, V), float("-inf"))
                 full.index_copy_(1, ids, z)
                 tok, qi = sampler.choose(full, u[:, i], want_probs=sampler.any_rejection)
@@ -189,19 +190,7 @@ class FeatureDraftDecoder(Decoder):
     def _tree_cycle(self, feat: torch.Tensor, D: int) -> list[Step]:
         s, cfg, dev = self.state, self.cfg, self.dev
         B = len(self.running)
-        start = self.dcache.length.clone()
-        b = max(1, cfg.tree_branch)
-        chain_logp, chain_tok = [], []  # per depth: (B, b) log-probabilities and ids, best first
-        for i in range(D):
-            z, ids = self._logits(feat)
-            lp = torch.log_softmax(z.float(), dim=-1)
-            v, j = lp.topk(min(b, lp.shape[-1]), dim=-1)
-            chain_logp.append(v)
-            chain_tok.append(ids[j])
-            if i < D - 1:
-                feat = self._step(feat, ids[j[:, 0]])
-        self.dcache.truncate(start)
-        t = self._build_tree(torch.stack(chain_logp, 1).tolist(), torch.stack(chain_tok, 1).tolist(), cfg.tree_nodes)
+        t = self._draft_tree(feat, D, cfg.tree_nodes, max(1, cfg.tree_branch))
         tokens = torch.cat([s.newest[:, None], t.tokens], dim=1)
         offsets = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), t.depth], dim=1)
         h, _ = self.model(tokens, self.positions(offsets), cache=self.cache,
@@ -218,42 +207,86 @@ class FeatureDraftDecoder(Decoder):
         self._carry(h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1])), out, n)
         return [step]
 
-    def _build_tree(self, logp: list, toks: list, n: int) -> tr.Tree:
-        """Per row: the drafted chain (rank 0 at every depth) and its siblings as leaves, the n best by
-        path log-probability (a sibling's parent is the chain node above it), parents first."""
-        B, D = len(toks), len(toks[0])
+    def _draft_tree(self, feat: torch.Tensor, D: int, n_nodes: int, b: int) -> tr.Tree:
+        """A draft tree grown by beam search over the drafter (EAGLE-2's expansion, arXiv 2406.16858):
+        depth 1 holds the b likeliest tokens after the newest one; at each further depth the b best
+        nodes of the depth above (by path log-probability) are drafted from in one drafter forward of
+        b entries, each seeing the committed prefix, its ancestors' entries and itself, and give b
+        children each. The n_nodes best nodes overall (a child never scores above its parent, so
+        every chosen node's ancestors are chosen) form the verify tree, parents first."""
+        dc, dev, B = self.dcache, self.dev, len(self.running)
+        start = dc.length.clone()
+        # nodes[r]: (score, depth, token, parent node or -1, entry slot or None); node i is verify slot i + 1
+        nodes: list[list[list]] = [[] for _ in range(B)]
+        z, ids = self._logits(feat[:, 0])
+        v, j = torch.log_softmax(z.float(), dim=-1).topk(min(b, z.shape[-1]), dim=-1)
+        v, tk = v.tolist(), ids[j].tolist()
+        for r in range(B):
+            for k in range(len(v[r])):
+                nodes[r].append([v[r][k], 1, tk[r][k], -1, None])
+        frontier = [list(range(len(nodes[r]))) for r in range(B)]
+        parent_feat = feat.expand(B, b, feat.shape[-1])  # the feature each frontier node's entry reads
+        for d in range(1, D):
+            W = b
+            fr = [f + [f[-1]] * (W - len(f)) for f in frontier]  # every row W entries (repeats are harmless)
+            toks = torch.tensor([[nodes[r][i][2] for i in fr[r]] for r in range(B)], device=dev)
+            base_len = dc.length.clone()
+            S = int(base_len.max()) + W
+            mask = torch.zeros(B, W, S, dtype=torch.bool, device=dev)
+            for r in range(B):
+                mask[r, :, : int(start[r])] = True
+                for k, i in enumerate(fr[r]):
+                    a = nodes[r][i][3]
+                    while a >= 0:  # the ancestors' entries
+                        mask[r, k, nodes[r][a][4]] = True
+                        a = nodes[r][a][3]
+                    mask[r, k, int(base_len[r]) + k] = True
+            pos = (start[:, None] + d).expand(B, W).clamp(max=self.c.max_seq_len - 1)
+            out = self.fd(parent_feat, self.model.embed_tokens(toks), pos, mask=mask, cache=dc)  # (B, W, h)
+            dc.commit(W)
+            for r in range(B):
+                for k, i in enumerate(fr[r][: len(frontier[r])]):
+                    nodes[r][i][4] = int(base_len[r]) + k
+            z, ids = self._logits(out)
+            v, j = torch.log_softmax(z.float(), dim=-1).topk(min(b, z.shape[-1]), dim=-1)  # (B, W, b)
+            v, tk = v.tolist(), ids[j].tolist()
+            new_frontier, feats_idx = [], []
+            for r in range(B):
+                kids = []
+                for k, i in enumerate(frontier[r]):
+                    for c in range(len(v[r][k])):
+                        nodes[r].append([nodes[r][i][0] + v[r][k][c], d + 1, tk[r][k][c], i, None])
+                        kids.append((len(nodes[r]) - 1, k))
+                kids.sort(key=lambda x: -nodes[r][x[0]][0])
+                best = kids[:W]
+                new_frontier.append([x[0] for x in best])
+                feats_idx.append([x[1] for x in best] + [best[-1][1]] * (W - len(best)))
+            frontier = new_frontier
+            idx = torch.tensor(feats_idx, device=dev)
+            parent_feat = out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1]))
+        dc.truncate(start)
         pad = self.c.mask_token_id if self.c.mask_token_id is not None else 0
-        n = max(n, D)
+        n = max(n_nodes, D)
         T_tok, T_par, T_dep = [], [], []
         for r in range(B):
-            cands = []  # (score, depth, rank)
-            prefix = 0.0
-            for d in range(D):
-                for k in range(len(toks[r][d])):
-                    cands.append((prefix + logp[r][d][k], d + 1, k))
-                prefix += logp[r][d][0]
-            cands.sort(key=lambda x: (-x[0], x[1], x[2]))
-            chosen = sorted(cands[:n], key=lambda x: (x[1], x[2]))
-            have_chain = {d for _, d, k in chosen if k == 0}
-            chosen = [x for x in chosen if x[1] - 1 in have_chain or x[1] == 1]  # ancestors must be in
-            index = {}  # depth -> verify slot of the chain node at that depth
+            order = sorted(range(len(nodes[r])), key=lambda i: (-nodes[r][i][0], nodes[r][i][1], i))[:n]
+            order.sort(key=lambda i: (nodes[r][i][1], i))  # parents first
+            slot = {}
             tok, par, dep = [], [], []
-            for _, d, k in chosen:
-                if d > 1 and (d - 1) not in index:
+            for i in order:
+                a = nodes[r][i][3]
+                if a >= 0 and a not in slot:
                     continue
-                tok.append(toks[r][d - 1][k])
-                par.append(0 if d == 1 else index[d - 1])
-                dep.append(d)
-                if k == 0:
-                    index[d] = len(tok)
-            while len(tok) < n:
-                tok.append(pad)
-                par.append(0)
-                dep.append(1)
-            T_tok.append(tok[:n])
-            T_par.append(par[:n])
-            T_dep.append(dep[:n])
-        dev = self.dev
+                slot[i] = len(tok) + 1
+                tok.append(nodes[r][i][2])
+                par.append(0 if a < 0 else slot[a])
+                dep.append(nodes[r][i][1])
+            tok += [pad] * (n - len(tok))
+            par += [0] * (n - len(par))
+            dep += [1] * (n - len(dep))
+            T_tok.append(tok)
+            T_par.append(par)
+            T_dep.append(dep)
         return tr.Tree(torch.tensor(T_tok, device=dev), torch.tensor(T_par, device=dev),
                        torch.tensor(T_dep, device=dev))
 
