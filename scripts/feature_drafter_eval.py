@@ -16,11 +16,12 @@ import os
 import time
 
 
-def _specs(s: str) -> list[tuple[int, int]]:
+def _specs(s: str) -> list[tuple[int, int, bool]]:
+    """k[:tree nodes[:nl]] (nl: without the prompt-lookup path)."""
     out = []
     for part in filter(None, s.split(",")):
-        k, _, n = part.partition(":")
-        out.append((int(k), int(n or 0)))
+        bits = part.split(":")
+        out.append((int(bits[0]), int(bits[1]) if len(bits) > 1 and bits[1] else 0, "nl" not in bits[2:]))
     return out
 
 
@@ -57,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         if drafters[d] is None:
             raise SystemExit(f"{d}: the model ships no feature drafter")
     suites = build_suites(tok, categories=args.categories.split(","), n=args.prompts, chat=True, model_dir=path)
-    configs = [("adapter", k, n, None) for k, n in _specs(args.adapter)]
-    configs += [("feature", k, n, d) for d in drafters for k, n in _specs(args.feature)]
-    stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [("ar", 1, 0, None)] + configs}
+    configs = [("adapter", k, n, None, True) for k, n, _ in _specs(args.adapter)]
+    configs += [("feature", k, n, d, lk) for d in drafters for k, n, lk in _specs(args.feature)]
+    stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [("ar", 1, 0, None, True)] + configs}
     eos = tok.eos_id
     n_prompts = 0
     t_start = time.time()
@@ -68,18 +69,18 @@ def main(argv: list[str] | None = None) -> int:
             ids = list(pr.tokens)
             t0 = time.perf_counter()
             ar = trimode.generate(model, [ids], mode="ar", max_new_tokens=args.max_new_tokens, eos_id=eos)[0]
-            st = stats[("ar", 1, 0, None)]
+            st = stats[("ar", 1, 0, None, True)]
             st["s"] += time.perf_counter() - t0
             st["tok"] += len(ar.tokens)
             st["nfe"] += ar.nfe
             n_prompts += 1
             for c in configs:
-                kind, k, n, d = c
+                kind, k, n, d, lk = c
                 if d is not None:
                     model.set_feature_drafter(drafters[d])
                 t0 = time.perf_counter()
                 g = trimode.generate(model, [ids], mode="linear", max_new_tokens=args.max_new_tokens, eos_id=eos,
-                                     block_len=k, tree_nodes=n, drafter=kind)[0]
+                                     block_len=k, tree_nodes=n, drafter=kind, lookup=lk)[0]
                 st = stats[c]
                 st["s"] += time.perf_counter() - t0
                 st["tok"] += len(g.tokens)
@@ -87,14 +88,15 @@ def main(argv: list[str] | None = None) -> int:
                 st["acc"] += g.stats["acceptance"]
                 st["same"] += g.tokens == ar.tokens
             print(f"  {cat} prompt done ({time.time() - t_start:.0f}s)", flush=True)
-    base = stats[("ar", 1, 0, None)]
+    base = stats[("ar", 1, 0, None, True)]
     ar_tps = base["tok"] / base["s"]
     print(f"load average {os.getloadavg()[0]:.2f}; {n_prompts} prompts x {args.max_new_tokens} tokens, "
           f"{args.dtype}, {args.threads} thread(s)")
     print(f"{'config':<34} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
     for c, st in stats.items():
-        kind, k, n, d = c
-        name = "ar" if kind == "ar" else f"{kind} k={k}" + (f" tree{n}" if n else "") + (f" [{d}]" if d else "")
+        kind, k, n, d, lk = c
+        name = "ar" if kind == "ar" else (f"{kind} k={k}" + (f" tree{n}" if n else "") + ("" if lk else " no-lookup")
+                                          + (f" [{os.path.basename(d.rstrip('/'))}]" if d else ""))
         acc = f"{sum(st['acc']) / len(st['acc']):.2f}" if st["acc"] else "-"
         tps = st["tok"] / st["s"]
         print(f"{name:<34} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "

@@ -228,3 +228,17 @@ def test_unrolled_training_sees_what_drafting_sees():
                 f = fd(f, emb[:, i: i + 1], pos[:, i: i + 1], mask=mask, cache=dc)
                 dc.commit(1)
             assert torch.allclose(f[0, 0], preds[step][0, j], atol=1e-10), (j, step)
+
+
+def test_prompt_lookup_path_in_the_tree():
+    """With a drafter that knows nothing, the prompt-lookup path alone gets drafts accepted where the
+    output repeats itself; output stays AR's with and without it."""
+    m = tiny_model(dlm_type="dream", dtype=torch.float32)
+    m.set_feature_drafter(FeatureDrafter(m.config, torch.arange(95)).to(torch.float32))  # untrained
+    ref = generate(m, PROMPTS, mode="ar", max_new_tokens=48)
+    runs = {}
+    for lookup in (False, True):
+        got = generate(m, PROMPTS, mode="linear", block_len=6, tree_nodes=6, max_new_tokens=48, lookup=lookup)
+        assert [g.tokens for g in got] == [g.tokens for g in ref]
+        runs[lookup] = sum(g.nfe for g in got)
+    assert runs[True] < runs[False], runs

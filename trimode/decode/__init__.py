@@ -93,6 +93,7 @@ def prepare(
     tree_nodes: int | None = None,
     tree_branch: int = 3,
     drafter: str = "auto",
+    lookup: bool = True,
     max_thinking_tokens: int | Sequence[int | None] | None = None,
     think_ids: tuple[Sequence[int], Sequence[int]] | None = None,
     images: Sequence[object] | None = None,
@@ -113,7 +114,7 @@ def prepare(
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
         draft_adapter=draft_adapter, draft_override=draft_override, policy=policy, tree_nodes=tree_nodes,
-        tree_branch=tree_branch, drafter=drafter,
+        tree_branch=tree_branch, drafter=drafter, lookup=lookup,
     )
     _check_prompts(prompts)
     bad = [t for t in stop or () if not isinstance(t, int) or isinstance(t, bool)]
@@ -230,7 +231,8 @@ def generate(
     draft_adapter (name of the LoRA used in draft passes, default "draft" when present), drafter
     (linear mode: "adapter", "feature" (the model's feature drafter, trimode/feature_drafter.py) or
     "auto": the one stored with the model's measured defaults, else the feature drafter when the model
-    has one),
+    has one), lookup (feature drafter, greedy trees: also verify the prompt-lookup continuation; default
+    True),
     draft_override (a hook replacing draft proposals), policy (diffusion unmasking policy object,
     e.g. `Oracle(reference)`; overrides threshold / steps). images (a vision-language model): one
     entry per prompt, None or a list of images (bytes, paths, data: URLs, PIL images), each placed at

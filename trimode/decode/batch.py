@@ -53,6 +53,7 @@ class DecodeConfig:
     tree_nodes: int = 0  # linear, greedy batches: verify a best-first tree of this many draft nodes (0: a chain)
     tree_branch: int = 3  # candidates per slot when growing the tree
     drafter: str = "auto"  # linear: "adapter" (a draft pass of the model), "feature" (its feature drafter), "auto"
+    lookup: bool = True  # linear with the feature drafter, greedy trees: add the prompt-lookup continuation as a path
 
     def __post_init__(self) -> None:
         def is_int(x: object) -> bool:

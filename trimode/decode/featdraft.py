@@ -69,8 +69,8 @@ class FeatureDraftDecoder(Decoder):
                              "(load one with --feature-drafter DIR, or train one: trimode train-feature-drafter)")
         self.dcache: KVCache | None = None
 
-    def scratch(self) -> int:
-        return max(self.cfg.block_len, self.cfg.tree_nodes + 1)
+    def scratch(self) -> int:  # a tree may carry a prompt-lookup path of up to block_len - 1 nodes more
+        return max(self.cfg.block_len, self.cfg.tree_nodes + self.cfg.block_len + 1)
 
     # -- the drafter's cache follows the batch ---------------------------------------------------
     def _drop_finished(self) -> None:
@@ -232,15 +232,16 @@ class FeatureDraftDecoder(Decoder):
             toks = torch.tensor([[nodes[r][i][2] for i in fr[r]] for r in range(B)], device=dev)
             base_len = dc.length.clone()
             S = int(base_len.max()) + W
-            mask = torch.zeros(B, W, S, dtype=torch.bool, device=dev)
+            mask = (torch.arange(S, device=dev)[None, :] < start[:, None])[:, None, :].repeat(1, W, 1)
+            ri, ki, si = [], [], []
             for r in range(B):
-                mask[r, :, : int(start[r])] = True
                 for k, i in enumerate(fr[r]):
                     a = nodes[r][i][3]
                     while a >= 0:  # the ancestors' entries
-                        mask[r, k, nodes[r][a][4]] = True
+                        ri.append(r), ki.append(k), si.append(nodes[r][a][4])
                         a = nodes[r][a][3]
-                    mask[r, k, int(base_len[r]) + k] = True
+                    ri.append(r), ki.append(k), si.append(int(base_len[r]) + k)  # and itself
+            mask[ri, ki, si] = True
             pos = (start[:, None] + d).expand(B, W).clamp(max=self.c.max_seq_len - 1)
             out = self.fd(parent_feat, self.model.embed_tokens(toks), pos, mask=mask, cache=dc)  # (B, W, h)
             dc.commit(W)
@@ -281,14 +282,45 @@ class FeatureDraftDecoder(Decoder):
                 tok.append(nodes[r][i][2])
                 par.append(0 if a < 0 else slot[a])
                 dep.append(nodes[r][i][1])
-            tok += [pad] * (n - len(tok))
-            par += [0] * (n - len(par))
-            dep += [1] * (n - len(dep))
+            if self.cfg.lookup:
+                self._merge_lookup(r, D, tok, par, dep)
             T_tok.append(tok)
             T_par.append(par)
             T_dep.append(dep)
+        n = max(n, *(len(t) for t in T_tok))
+        for tok, par, dep in zip(T_tok, T_par, T_dep):
+            tok += [pad] * (n - len(tok))
+            par += [0] * (n - len(par))
+            dep += [1] * (n - len(dep))
         return tr.Tree(torch.tensor(T_tok, device=dev), torch.tensor(T_par, device=dev),
                        torch.tensor(T_dep, device=dev))
+
+    def _merge_lookup(self, r: int, D: int, tok: list, par: list, dep: list) -> None:
+        """Add the prompt-lookup continuation of row r (prompt lookup decoding, Saxena 2023: the tokens
+        that followed the latest earlier occurrence of the context's last 3, else 2, tokens) to its tree
+        as one more path from the root, sharing the nodes it already has; costs at most D verify slots."""
+        row = self.running[r]
+        ctx = row.prompt + row.tokens
+        cont: list[int] = []
+        for n in (3, 2):
+            if len(ctx) <= n:
+                continue
+            tail = ctx[-n:]
+            for i in range(len(ctx) - n - 1, -1, -1):
+                if ctx[i: i + n] == tail:
+                    cont = ctx[i + n: i + n + D]
+                    break
+            if cont:
+                break
+        cur = 0
+        for t in cont:
+            child = next((j + 1 for j in range(len(tok)) if par[j] == cur and tok[j] == t), None)
+            if child is None:
+                tok.append(t)
+                par.append(cur)
+                dep.append(1 if cur == 0 else dep[cur - 1] + 1)
+                child = len(tok)
+            cur = child
 
     def _carry(self, h: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor) -> None:
         """The next cycle's pending pairs: (feature of walked slot i, emitted token i) for i < n."""
