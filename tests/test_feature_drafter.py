@@ -242,3 +242,35 @@ def test_prompt_lookup_path_in_the_tree():
         assert [g.tokens for g in got] == [g.tokens for g in ref]
         runs[lookup] = sum(g.nfe for g in got)
     assert runs[True] < runs[False], runs
+
+
+def test_cli_train_then_generate_with_the_feature_drafter(tmp_path, capsys):
+    """trimode train-feature-drafter on the bundled model (a few steps on a tiny cache), then generate
+    with it: output equals AR's; bad flags are clear errors."""
+    from trimode.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    N, L = 6, 24
+    toks = torch.randint(10, 200, (N, L), generator=g)
+    valid = torch.zeros(N, L, dtype=torch.bool)
+    valid[:, 8:] = True
+    torch.save({"tokens": toks, "valid": valid, "lengths": torch.full((N,), L), "prompt_lengths": torch.full((N,), 8)},
+               tmp_path / "cache.pt")
+    out = tmp_path / "fd"
+    assert main(["train-feature-drafter", "--model", "bundled", "--data-cache", str(tmp_path / "cache.pt"),
+                 "--out", str(out), "--steps", "3", "--batch", "4", "--vocab", "64", "--vocab-from-data",
+                 "--unroll", "2", "--eval-every", "3", "--save-every", "3", "--heldout", "0.2"]) == 0
+    info = json.loads((out / CONFIG_FILE).read_text())
+    assert info["training"]["steps"] == 3 and len(info["ids"]) <= 64 + 1
+    capsys.readouterr()
+    base = ["generate", "--model", "bundled", "--mode", "linear", "--prompt", "def f(x):", "--max-new-tokens", "12",
+            "--json", "--block-len", "4"]
+    assert main(base[:4] + ["ar"] + base[5:]) == 0
+    ar = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(base + ["--feature-drafter", str(out), "--drafter", "feature", "--tree-nodes", "6"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["tokens"] == ar["tokens"] and "draft" not in got["forwards"]
+    assert main(base + ["--drafter", "feature"]) == 2
+    assert "needs a model with a feature drafter" in capsys.readouterr().err
+    assert main(base + ["--feature-drafter", str(tmp_path)]) == 2
+    assert "holds no feature drafter" in capsys.readouterr().err

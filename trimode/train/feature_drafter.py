@@ -49,14 +49,15 @@ def compute_features(model, tokens: torch.Tensor, lengths: torch.Tensor, *, batc
 
 
 def drafter_vocab(model_dir: Path, tok, seqs: dict, size: int, vocab_size: int, *, eos_id, mask_id,
-                  log=print) -> torch.Tensor:
-    """The drafter's vocabulary: the `size` ids ranked by the equal-weight mixture of the self-distilled
-    targets' frequencies, the training splits and the Python stdlib (as scripts/make_draft_vocab.py)."""
+                  corpus: bool = True, log=print) -> torch.Tensor:
+    """The drafter's vocabulary: the `size` ids ranked by the equal-weight mixture of the training
+    targets' frequencies, the training splits and the Python stdlib (as scripts/make_draft_vocab.py);
+    corpus=False ranks by the targets alone."""
     from .. import draftvocab
 
     seen = seqs["tokens"][seqs["valid"].bool()].reshape(-1)
-    corpus = draftvocab.corpus_counts(tok, vocab_size, log=log)
-    score = draftvocab.mixture(torch.bincount(seen, minlength=vocab_size), *corpus.values())
+    counts = draftvocab.corpus_counts(tok, vocab_size, log=log).values() if corpus and tok is not None else ()
+    score = draftvocab.mixture(torch.bincount(seen, minlength=vocab_size), *counts)
     keep = [eos_id] if eos_id is not None else []
     drop = [mask_id] if mask_id is not None else []
     return draftvocab.from_counts(score, size, keep=keep, drop=drop)
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the verifier's features of each --data-cache are cached (.pt, one per cache)")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
+    p.add_argument("--vocab-from-data", action="store_true",
+                   help="rank the vocabulary by the training targets alone (not also the splits and the stdlib)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "vocab", "unroll", "eval_every", "save_every", "log_every", "feature_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.vocab is not None and args.vocab < 1:
+        p.error("--vocab must be >= 1")
     if not 0 <= args.heldout < 1:
         p.error("--heldout must lie in [0, 1)")
     try:
@@ -236,7 +241,7 @@ def train(args) -> int:
         log(f"starting from the feature drafter in {args.init}")
     else:
         ids = drafter_vocab(mdir, tok, seqs, args.vocab, c.vocab_size, eos_id=c.eos_token_id,
-                            mask_id=c.mask_token_id, log=log)
+                            mask_id=c.mask_token_id, corpus=not args.vocab_from_data, log=log)
     fd = FeatureDrafter(c, ids)
     if state is not None:
         fd.load_state_dict(state["model"])
@@ -310,7 +315,7 @@ def train(args) -> int:
         step += 1
         if step % args.log_every == 0 or step == 1:
             tops = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("top1"))
-            log(f"step {step} loss {float(loss):.4f} ce {m['ce']:.3f} reg {m['reg']:.4f} {tops} "
+            log(f"step {step} loss {float(loss.detach()):.4f} ce {m['ce']:.3f} reg {m['reg']:.4f} {tops} "
                 f"lr {lr_at(step - 1):.2e} ({time.perf_counter() - t0:.0f}s)")
         if step % args.eval_every == 0 or step == args.steps:
             log(f"eval step {step} held-out {evaluate()}")
