@@ -486,6 +486,10 @@ def cmd_model(args: argparse.Namespace) -> int:
     label = "bundled" if args.model == "bundled" else str(args.model)
     dv = getattr(model, "draft_vocab", None)
     dv_text = "whole vocabulary" if dv is None else f"{dv.numel()} ids + each row's own tokens"
+    fd = getattr(model, "feature_drafter", None)
+    if fd is not None:
+        dv_text += (f" (the adapter); feature drafter: {sum(p.numel() for p in fd.parameters()):,} parameters, "
+                    f"{fd.ids.numel()} ids + each row's own tokens")
     _say(args, f"model: {label} ({model.dtype}, {model.device}); prompts: "
                f"{'chat-formatted' if chat else 'raw'}; threads {torch.get_num_threads()}; drafts over: {dv_text}",
          *architecture_lines(model, machine, context=ctx, ks=args.block_lens or [4, 8, 16], bpw=bpw))
@@ -508,6 +512,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         "model": label, "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
         "threads": torch.get_num_threads(), "chat": chat, "batch_size": args.batch_size,
         "draft_vocab": None if dv is None else int(dv.numel()),
+        "feature_drafter": None if fd is None else {"parameters": sum(p.numel() for p in fd.parameters()),
+                                                    "vocab": int(fd.ids.numel()), **fd.meta},
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompts": len(allp),
         "categories": {k: len(v) for k, v in suites.items()},
         "machine": machine.as_dict() if machine is not None else None,
