@@ -139,6 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.model, str(path))
     if getattr(model, "draft_vocab", None) is not None:
         label += f" (drafts over a {model.draft_vocab.numel():,}-token draft vocabulary)"
+    if getattr(model, "feature_drafter", None) is not None:
+        label += " + feature drafter"
     chat = tok is not None and tok.chat_template is not None
     if tok is not None:
         texts = args.prompt or (list(DEMO_PROMPTS.values()) if chat else BUNDLED_PROMPTS)
