@@ -95,6 +95,38 @@ def test_compact_and_truncate():
         cache.truncate(torch.tensor([5, 0]))
 
 
+def test_compact_equals_a_naive_gather_for_random_paths():
+    """compact moves only what a row commits past the run already in place; the committed entries
+    must still be exactly the chosen scratch entries, in order, for every row (prefix and ragged n)."""
+    m = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        B, P, T = 3, int(torch.randint(0, 4, (1,), generator=g)), 7
+        cache = m.new_cache(B, 16)
+        if P:
+            m(torch.randint(0, 90, (B, P), generator=g), cache=cache)
+            cache.commit(P)
+        m(torch.randint(0, 90, (B, T), generator=g), cache=cache)
+        before = [b.clone() for b in (*cache.k, *cache.v)]
+        K = int(torch.randint(1, T + 1, (1,), generator=g))
+        keep = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long),
+                                       torch.sort(torch.randperm(T - 1, generator=g)[: K - 1] + 1).values])
+                            for _ in range(B)])
+        if trial % 3 == 0:  # a shared in-place prefix, as after a chain-like accepted path
+            keep[:, : K // 2 + 1] = torch.arange(K // 2 + 1)[None, :]
+            keep = torch.sort(keep, dim=1).values
+            keep = torch.stack([torch.unique_consecutive(r) for r in keep]) if all(
+                torch.unique_consecutive(r).numel() == K for r in keep) else torch.arange(K).expand(B, K).clone()
+        n = torch.randint(0, K + 1, (B,), generator=g)
+        cache.compact(keep, n)
+        assert cache.length.tolist() == [P + int(x) for x in n]
+        for buf, old in zip((*cache.k, *cache.v), before):
+            for b in range(B):
+                for j in range(int(n[b])):
+                    assert torch.equal(buf[b, :, P + j], old[b, :, P + int(keep[b, j])])
+                assert torch.equal(buf[b, :, :P], old[b, :, :P])
+
+
 def test_cache_overflow_and_bad_commit_are_value_errors():
     m = tiny_model()
     cache = KVCache(m.config, 1, 4, dtype=m.dtype)

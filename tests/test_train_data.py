@@ -84,3 +84,17 @@ def test_plot_log(tmp_path, capsys):
     else:
         assert plot_main([str(log), "--out", str(tmp_path / "c.png")]) == 0
         assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_advice_training_prompts_are_new_and_never_held_out():
+    """The second chat training set (`--prompts advice`) shares no prompt, and no topic, with the
+    held-out chat prompts the benchmark's chat category measures, nor any prompt with the first set."""
+    from trimode import prompts as P
+    from trimode.train.distill import TRAIN_SOURCES, category_texts
+
+    texts = P.advice_train_texts()
+    assert "advice" in TRAIN_SOURCES and category_texts("advice", split="train") == texts
+    assert len(texts) == len(set(texts)) == 500
+    held = [h.lower() for h in P.CHAT_HELDOUT]
+    assert not set(texts) & set(P.CHAT_HELDOUT) and not set(texts) & set(P.chat_train_texts())
+    assert not [t for t in P.ADVICE_TOPICS + P.CREATIVE_TOPICS for h in held if t.lower() in h]

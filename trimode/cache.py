@@ -80,9 +80,18 @@ class KVCache:
             return
         if bool((keep < 0).any()) or bool((keep >= self._pending).any()):
             raise ValueError("compact: indices outside the scratch entries of the last forward")
-        src = self.length[:, None] + keep  # (B, K) source slots
-        dst = self.length[:, None] + torch.arange(K, device=keep.device)[None, :]
-        rows = torch.arange(B, device=keep.device)[:, None].expand(B, K)
+        # Only entries some row commits need to move, and a leading run already in place (keep[:, j]
+        # == j for every row: the root and a chain-like accepted path) stays where it is.
+        K = min(K, int(n.max()))
+        ar = torch.arange(K, device=keep.device)
+        still = torch.cumprod((keep[:, :K] == ar[None, :]).all(0).to(torch.long), 0)
+        j0 = int(still.sum())
+        if j0 >= K:
+            self.commit(n)
+            return
+        src = self.length[:, None] + keep[:, j0:K]  # (B, K - j0) source slots
+        dst = self.length[:, None] + ar[None, j0:]
+        rows = torch.arange(B, device=keep.device)[:, None].expand(B, K - j0)
         for buf in (*self.k, *self.v):
             moved = buf[rows, :, src].clone()  # gather first: source and destination may overlap
             buf[rows, :, dst] = moved

@@ -35,7 +35,7 @@ from torch import nn
 from ._io import load_tensors, read_header, read_json, save_tensors, write_json
 from .cache import KVCache
 from .config import ModelConfig
-from .model import Block, RMSNorm, forward_context, rope_inv_freq
+from .model import Block, RMSNorm, _fuse, forward_context, rope_inv_freq
 
 FORMAT = 1
 DRAFTER_DIR = "feature_drafter"  # where load_model finds one inside a checkpoint directory
@@ -91,6 +91,16 @@ class FeatureDrafter(nn.Module):
             mask = with_prefix(causal(T, device=x.device), cache.length, S).unsqueeze(1)
         ctx = forward_context(self.config, self.inv_freq, self.attention_factor, positions, mask, cache, S, x.dtype)
         return self.norm(self.block(x, ctx, 0, adapter=None, gate=None))
+
+    def fuse_projections(self) -> FeatureDrafter:
+        """Inference: the layer's q / k / v and gate / up each run as one matmul (their weights become
+        views of the fused matrices, as `Transformer.fuse_projections`); not for training. Returns self."""
+        a, m = self.block.self_attn, self.block.mlp
+        if a.qkv is None:
+            a.qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+        if m.gate_up is None:
+            m.gate_up = _fuse([m.gate_proj, m.up_proj])
+        return self
 
     def head_rows(self, base: nn.Module) -> torch.Tensor:
         """The base output head's rows for `ids` (cached until the base head's weights change)."""

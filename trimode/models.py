@@ -324,4 +324,6 @@ def for_inference(model, *, draft_vocab: bool = True, feature_drafter: str | os.
     if "draft" in model.adapter_names() and not getattr(model, "quantization", None):
         model.merge_adapter("draft")  # (a quantized base keeps its adapter unmerged, in full precision)
     model.fuse_projections()  # q/k/v and gate/up as one matmul each where no adapter acts on them
+    if model.feature_drafter is not None:
+        model.feature_drafter.fuse_projections()
     return model

@@ -48,6 +48,54 @@ def chat_train_texts() -> list[str]:
     return [tpl.format(t=t) for t in TRAIN_TOPICS for tpl in TRAIN_TEMPLATES]
 
 
+# -- training, second set: everyday advice and short creative requests (the style of most chat traffic),
+# again templates x topics; none of their wordings or topics is one of the held-out prompts below.
+ADVICE_TEMPLATES = (
+    "What are some practical tips for {t}?",
+    "I want to get better at {t}. Where should I start?",
+    "What mistakes do people often make when {t}?",
+    "Give me a step-by-step plan for {t}.",
+    "What should I know before {t}?",
+    "Can you make me a short checklist for {t}?",
+    "My friend is nervous about {t}. What could I tell them?",
+    "Share three ideas that make {t} easier.",
+    "How long does it usually take to get comfortable with {t}?",
+    "Write an encouraging message for someone who is {t} for the first time.",
+)
+ADVICE_TOPICS = (
+    "writing a cover letter", "learning to swim", "painting a room", "organizing a closet",
+    "planning a road trip", "moving to a new city", "training a puppy", "baking cookies",
+    "starting a vegetable garden", "learning to play the guitar", "writing a wedding speech",
+    "negotiating a salary", "fixing a flat bicycle tire", "choosing a laptop", "taking photos with a phone",
+    "meeting people in a new town", "keeping a journal", "reducing screen time", "cooking rice",
+    "hosting a board game night", "preparing for a long flight", "learning to draw", "decluttering a kitchen",
+    "asking for feedback at work", "teaching a child to read", "caring for a goldfish", "building a birdhouse",
+    "reading more books", "getting up earlier", "working from home", "making friends as an adult",
+    "packing for a business trip", "learning to knit", "planning a surprise party", "washing windows",
+    "looking after a car", "saving for retirement", "writing a complaint letter", "sleeping on hot nights",
+    "reducing food waste", "learning to cook for a family", "giving a presentation at work",
+    "choosing running shoes", "caring for a new kitten",
+)
+CREATIVE_TEMPLATES = (
+    "Compose a four-line poem on {t}.",
+    "Write a diary entry from the point of view of {t}.",
+    "Invent a short fable featuring {t}.",
+    "Describe {t} using all five senses.",
+)
+CREATIVE_TOPICS = (
+    "a rusty bicycle", "the first snow of winter", "a busy train station", "an old lighthouse keeper",
+    "a curious fox", "a forgotten toy", "a city at night", "a sailboat at sea", "a grandfather clock",
+    "a crowded market", "the last day of school", "a garden after the rain", "a paper airplane",
+    "a street musician", "a tired delivery driver",
+)
+
+
+def advice_train_texts() -> list[str]:
+    """The second training set (500 prompts), in a fixed order."""
+    return ([tpl.format(t=t) for t in ADVICE_TOPICS for tpl in ADVICE_TEMPLATES]
+            + [tpl.format(t=t) for t in CREATIVE_TOPICS for tpl in CREATIVE_TEMPLATES])
+
+
 # -- held out: written separately; no template or topic above is reused --------------------------
 CHAT_HELDOUT = (
     "Can you suggest a simple dinner recipe for two people?",

@@ -102,11 +102,13 @@ def validate_rows(model: DecodableModel, rows: Sequence[Row], *, needs_mask: boo
 
 
 # -- small pure helpers ----------------------------------------------------------------------------
-def exclude_mask(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
-    """The mask id is never a prediction: give it -inf before argmax / softmax."""
+def exclude_mask(logits: torch.Tensor, mask_id: int | None, *, inplace: bool = False) -> torch.Tensor:
+    """The mask id is never a prediction: give it -inf before argmax / softmax (in place when the
+    caller owns `logits`, e.g. a fresh head output: saves copying a (T, vocab) tensor)."""
     if mask_id is None:
         return logits
-    logits = logits.clone()
+    if not inplace:
+        logits = logits.clone()
     logits[..., mask_id] = float("-inf")
     return logits
 

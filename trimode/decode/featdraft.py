@@ -177,7 +177,7 @@ class FeatureDraftDecoder(Decoder):
         canvas = torch.cat([s.newest[:, None], drafts], dim=1)
         h, _ = self.model(canvas, self.positions(torch.arange(K, device=dev)), cache=self.cache,
                           mask=self.prefix_mask(masks.causal(K, device=dev)), hidden=True)
-        logits = exclude_mask(self.model.head(h), self.c.mask_token_id)
+        logits = exclude_mask(self.model.head(h), self.c.mask_token_id, inplace=True)
         res = sampler.verify(drafts, logits, sampler.uniforms(self.starts(), K), q)
         n = res.accepted + 1
         tokens, n = self.force(res.tokens, n)
@@ -195,7 +195,7 @@ class FeatureDraftDecoder(Decoder):
         offsets = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), t.depth], dim=1)
         h, _ = self.model(tokens, self.positions(offsets), cache=self.cache,
                           mask=self.prefix_mask(tr.ancestor_mask(t.parent)), hidden=True)
-        pred = top1(exclude_mask(self.model.head(h), self.c.mask_token_id))
+        pred = top1(exclude_mask(self.model.head(h), self.c.mask_token_id, inplace=True))
         paths, accepted = tr.walk(t, pred, D)
         width = max(len(p) for p in paths)
         keep = torch.tensor([p + [p[-1]] * (width - len(p)) for p in paths], device=dev)

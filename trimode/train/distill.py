@@ -18,7 +18,7 @@ import torch
 STDLIB_EXCLUDE = ("*/test/*", "*/tests/*", "*/site-packages/*", "*/idlelib/*", "*/lib2to3/*", "*/encodings/*",
                   "*/__pycache__/*", "*/ensurepip/*", "*/config-3*/*", "*/pydoc_data/*")
 CATEGORIES = ("gsm8k", "mbpp", "humaneval")
-TRAIN_SOURCES = ("gsm8k", "mbpp", "chat")  # names accepted by --prompts (their train splits)
+TRAIN_SOURCES = ("gsm8k", "mbpp", "chat", "advice")  # names accepted by --prompts (their train splits)
 
 
 # -- prompts ---------------------------------------------------------------------------------
@@ -70,10 +70,12 @@ def category_texts(category: str, *, split: str, root: Path | None = None) -> li
     upstream validation and train splits); split "test": GSM8K test, MBPP tasks 11-510, HumanEval
     (test only). `chat` is the project's own general set (`trimode.prompts`: templates for train, a
     separately written set for test). root: the data directory (`trimode.prompts.data_root`)."""
-    from ..prompts import CHAT_HELDOUT, chat_train_texts, data_root
+    from ..prompts import CHAT_HELDOUT, advice_train_texts, chat_train_texts, data_root
 
     if category == "chat":
         return chat_train_texts() if split == "train" else list(CHAT_HELDOUT)
+    if category == "advice":  # a second chat training set (trimode.prompts); its test split is chat's
+        return advice_train_texts() if split == "train" else list(CHAT_HELDOUT)
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; choose one of {CATEGORIES + ('chat',)}")
     root = data_root(root)
