@@ -98,3 +98,14 @@ def test_advice_training_prompts_are_new_and_never_held_out():
     held = [h.lower() for h in P.CHAT_HELDOUT]
     assert not set(texts) & set(P.CHAT_HELDOUT) and not set(texts) & set(P.chat_train_texts())
     assert not [t for t in P.ADVICE_TOPICS + P.CREATIVE_TOPICS for h in held if t.lower() in h]
+
+
+def test_stdlib_code_prompts_are_deterministic_and_train_only():
+    from trimode.train.distill import category_texts, stdlib_code_texts
+
+    texts = stdlib_code_texts()
+    assert len(texts) > 200 and texts == stdlib_code_texts() and stdlib_code_texts(max_prompts=5) == texts[:5]
+    names = [t.split("`")[1].split("(")[0] for t in texts]
+    assert len(set(names)) == len(names) and all(not n.startswith("_") for n in names)
+    assert all(t.startswith("Write a Python function `") and t.endswith(".") for t in texts)
+    assert category_texts("stdlib-code", split="train") == texts and category_texts("stdlib-code", split="test") == []

@@ -18,7 +18,7 @@ import torch
 STDLIB_EXCLUDE = ("*/test/*", "*/tests/*", "*/site-packages/*", "*/idlelib/*", "*/lib2to3/*", "*/encodings/*",
                   "*/__pycache__/*", "*/ensurepip/*", "*/config-3*/*", "*/pydoc_data/*")
 CATEGORIES = ("gsm8k", "mbpp", "humaneval")
-TRAIN_SOURCES = ("gsm8k", "mbpp", "chat", "advice")  # names accepted by --prompts (their train splits)
+TRAIN_SOURCES = ("gsm8k", "mbpp", "chat", "advice", "stdlib-code")  # names accepted by --prompts (train splits)
 
 
 # -- prompts ---------------------------------------------------------------------------------
@@ -34,6 +34,41 @@ def stdlib_train_files(model_dir: Path) -> list[Path]:
     held = _heldout_keys(model_dir)
     files = resolve_files(["@stdlib"], suffixes=(".py",), exclude=STDLIB_EXCLUDE, max_file_bytes=200000)
     return [f.path for f in files if f.key not in held]
+
+
+def stdlib_code_texts(*, max_prompts: int | None = None) -> list[str]:
+    """Coding requests built from the running Python's standard library (every machine has one): for
+    each public top-level function whose docstring opens with a short complete sentence, "Write a Python function
+    `name(args)` that ...", in a fixed order (sorted files, source order), one per function name. The
+    held-out coding sets (HumanEval, MBPP 11-510) are never read; the text is the library's docstring,
+    the answer the model's own code. Python-version dependent (the card names the version used)."""
+    import ast
+
+    from .data import resolve_files
+
+    files = resolve_files(["@stdlib"], suffixes=(".py",), exclude=STDLIB_EXCLUDE, max_file_bytes=200000)
+    seen: set[str] = set()
+    out: list[str] = []
+    for f in files:
+        try:
+            tree = ast.parse(f.path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.name in seen:
+                continue
+            doc = ast.get_docstring(node)
+            para = " ".join(doc.strip().split("\n\n")[0].split()) if doc else ""  # the first paragraph
+            if not (20 <= len(para) <= 160 and para.endswith(".") and para[0].isalpha()) or "``" in para:
+                continue
+            first = para.rstrip(".")
+            args = [a.arg for a in node.args.args if a.arg not in ("self", "cls")]
+            seen.add(node.name)
+            what = first[0].lower() + first[1:]
+            out.append(f"Write a Python function `{node.name}({', '.join(args)})`. What it should do: {what}.")
+            if max_prompts is not None and len(out) >= max_prompts:
+                return out
+    return out
 
 
 def text_windows(tok, paths: Sequence[Path], *, n: int, prompt_len: int, seed: int,
@@ -76,6 +111,8 @@ def category_texts(category: str, *, split: str, root: Path | None = None) -> li
         return chat_train_texts() if split == "train" else list(CHAT_HELDOUT)
     if category == "advice":  # a second chat training set (trimode.prompts); its test split is chat's
         return advice_train_texts() if split == "train" else list(CHAT_HELDOUT)
+    if category == "stdlib-code":  # coding requests from the Python standard library (train only)
+        return stdlib_code_texts() if split == "train" else []
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; choose one of {CATEGORIES + ('chat',)}")
     root = data_root(root)
