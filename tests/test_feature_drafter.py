@@ -230,6 +230,53 @@ def test_unrolled_training_sees_what_drafting_sees():
             assert torch.allclose(f[0, 0], preds[step][0, j], atol=1e-10), (j, step)
 
 
+@pytest.mark.parametrize("K,nodes,branch,fewer", [(5, 8, 3, True), (8, 8, 2, True), (8, 12, 3, True), (6, 4, 4, False)])
+def test_early_stop_of_tree_drafting_builds_the_same_trees(model, monkeypatch, K, nodes, branch, fewer):
+    """Drafting stops once no deeper node can enter the tree (`_settled`): every verify tree, and so
+    every output and forward count, equals the one grown to full depth, with fewer drafter steps."""
+    from trimode.decode import featdraft
+
+    trees, steps = {}, {}
+    real_settled = featdraft.FeatureDraftDecoder._settled
+    real_draft = featdraft.FeatureDraftDecoder._draft_tree
+    for stop in (False, True):
+        got, calls = [], [0]
+
+        def draft(self, *a, got=got, **k):
+            t = real_draft(self, *a, **k)
+            got.append((t.tokens.clone(), t.parent.clone(), t.depth.clone()))
+            return t
+
+        fd = model.feature_drafter
+        real_fwd = type(fd).forward
+
+        def fwd(self, *a, calls=calls, real_fwd=real_fwd, **k):
+            calls[0] += 1
+            return real_fwd(self, *a, **k)
+
+        monkeypatch.setattr(featdraft.FeatureDraftDecoder, "_draft_tree", draft)
+        monkeypatch.setattr(featdraft.FeatureDraftDecoder, "_settled",
+                            staticmethod(lambda *a, stop=stop: stop and real_settled(*a)))
+        monkeypatch.setattr(type(fd), "forward", fwd)
+        out = generate(model, PROMPTS + [PROMPT], mode="linear", block_len=K, tree_nodes=nodes, tree_branch=branch,
+                       max_new_tokens=40)
+        monkeypatch.setattr(type(fd), "forward", real_fwd)
+        trees[stop], steps[stop] = (got, [o.tokens for o in out]), calls[0]
+    (a, out_a), (b, out_b) = trees[False], trees[True]
+    assert out_a == out_b and len(a) == len(b)
+    assert steps[True] < steps[False] if fewer else steps[True] == steps[False], steps  # (4 nodes, 4 per depth: never)
+    for x, y in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+def test_settled_is_exact_on_a_hand_made_frontier():
+    settled = __import__("trimode.decode.featdraft", fromlist=["x"]).FeatureDraftDecoder._settled
+    nodes = [[[-0.1, 1, 5, -1, None], [-0.5, 1, 6, -1, None], [-3.0, 2, 7, 0, None], [-0.2, 2, 8, 0, None]]]
+    assert not settled(nodes, [[3]], 3)  # the frontier node (-0.2) is among the 3 best
+    assert settled(nodes, [[2]], 3)      # -3.0 < -0.5, the 3rd best: nothing under it can enter
+    assert not settled(nodes, [[2]], 5)  # fewer nodes than the tree holds: keep drafting
+
+
 def test_prompt_lookup_path_in_the_tree():
     """With a drafter that knows nothing, the prompt-lookup path alone gets drafts accepted where the
     output repeats itself; output stays AR's with and without it."""

@@ -226,7 +226,10 @@ class FeatureDraftDecoder(Decoder):
                 nodes[r].append([v[r][k], 1, tk[r][k], -1, None])
         frontier = [list(range(len(nodes[r]))) for r in range(B)]
         parent_feat = feat.expand(B, b, feat.shape[-1])  # the feature each frontier node's entry reads
+        n_keep = max(n_nodes, D)
         for d in range(1, D):
+            if self._settled(nodes, frontier, n_keep):
+                break  # no deeper node can enter the tree: stop drafting (same tree, fewer drafter steps)
             W = b
             fr = [f + [f[-1]] * (W - len(f)) for f in frontier]  # every row W entries (repeats are harmless)
             toks = torch.tensor([[nodes[r][i][2] for i in fr[r]] for r in range(B)], device=dev)
@@ -267,7 +270,7 @@ class FeatureDraftDecoder(Decoder):
             parent_feat = out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1]))
         dc.truncate(start)
         pad = self.c.mask_token_id if self.c.mask_token_id is not None else 0
-        n = max(n_nodes, D)
+        n = n_keep
         T_tok, T_par, T_dep = [], [], []
         for r in range(B):
             order = sorted(range(len(nodes[r])), key=lambda i: (-nodes[r][i][0], nodes[r][i][1], i))[:n]
@@ -294,6 +297,17 @@ class FeatureDraftDecoder(Decoder):
             dep += [1] * (n - len(dep))
         return tr.Tree(torch.tensor(T_tok, device=dev), torch.tensor(T_par, device=dev),
                        torch.tensor(T_dep, device=dev))
+
+    @staticmethod
+    def _settled(nodes: list[list[list]], frontier: list[list[int]], n: int) -> bool:
+        """True when, in every row, the best frontier node scores strictly below the n-th best node
+        so far: a child scores at most its parent (log-probabilities add), so nothing drafted deeper
+        could be among the n chosen (ties go to the shallower node), and drafting can stop early."""
+        for r, f in enumerate(frontier):
+            scores = sorted((x[0] for x in nodes[r]), reverse=True)
+            if len(scores) < n or not f or max(nodes[r][i][0] for i in f) >= scores[n - 1]:
+                return False
+        return True
 
     def _merge_lookup(self, r: int, D: int, tok: list, par: list, dep: list) -> None:
         """Add the prompt-lookup continuation of row r (prompt lookup decoding, Saxena 2023: the tokens
