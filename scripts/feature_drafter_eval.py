@@ -1,7 +1,7 @@
 """Feature drafters against the draft adapter on held-out prompts: acceptance, tokens per forward, tok/s.
 
     python scripts/feature_drafter_eval.py DRAFTER_DIR [DRAFTER_DIR ...] [--model smollm2] [--prompts 2]
-        [--max-new-tokens 96] [--feature 4:0,6:12,8:16] [--adapter 8:12] [--dtype bfloat16]
+        [--max-new-tokens 96] [--feature 4:0,6:12,8:16,8:12:full] [--adapter 8:12] [--dtype bfloat16]
 
 Every prompt runs AR, then the adapter configurations, then each drafter's configurations, back to
 back (interleaved, so the ratios compare like with like on a shared machine); each run is checked
@@ -16,12 +16,14 @@ import os
 import time
 
 
-def _specs(s: str) -> list[tuple[int, int, bool]]:
-    """k[:tree nodes[:nl]] (nl: without the prompt-lookup path)."""
+def _specs(s: str) -> list[tuple[int, int, bool, bool]]:
+    """k[:tree nodes[:nl][:full]] (nl: without the prompt-lookup path; full: trees drafted to full
+    depth, without the early stop once no deeper node can enter the tree)."""
     out = []
     for part in filter(None, s.split(",")):
         bits = part.split(":")
-        out.append((int(bits[0]), int(bits[1]) if len(bits) > 1 and bits[1] else 0, "nl" not in bits[2:]))
+        out.append((int(bits[0]), int(bits[1]) if len(bits) > 1 and bits[1] else 0, "nl" not in bits[2:],
+                    "full" not in bits[2:]))
     return out
 
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=2, help="per category")
     p.add_argument("--categories", default="coding,math,chat")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--feature", default="4:0,6:12,8:16", help="k:tree nodes of the feature drafter, comma-separated")
+    p.add_argument("--feature", default="4:0,6:12,8:16", help="k:tree nodes[:nl][:full] of the feature drafter, comma-separated (nl: no lookup path; full: no early stop)")
     p.add_argument("--adapter", default="8:12", help="k:tree nodes of the draft adapter ('' for none)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=1)
@@ -58,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         if drafters[d] is None:
             raise SystemExit(f"{d}: the model ships no feature drafter")
     suites = build_suites(tok, categories=args.categories.split(","), n=args.prompts, chat=True, model_dir=path)
-    configs = [("adapter", k, n, None, True) for k, n, _ in _specs(args.adapter)]
-    configs += [("feature", k, n, d, lk) for d in drafters for k, n, lk in _specs(args.feature)]
-    stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [("ar", 1, 0, None, True)] + configs}
+    from trimode.decode.featdraft import FeatureDraftDecoder
+
+    settled = FeatureDraftDecoder.__dict__["_settled"]  # the staticmethod itself
+    configs = [("adapter", k, n, None, True, True) for k, n, _, _ in _specs(args.adapter)]
+    configs += [("feature", k, n, d, lk, stop) for d in drafters for k, n, lk, stop in _specs(args.feature)]
+    AR = ("ar", 1, 0, None, True, True)
+    stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [AR] + configs}
     eos = tok.eos_id
     n_prompts = 0
     t_start = time.time()
@@ -69,15 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             ids = list(pr.tokens)
             t0 = time.perf_counter()
             ar = trimode.generate(model, [ids], mode="ar", max_new_tokens=args.max_new_tokens, eos_id=eos)[0]
-            st = stats[("ar", 1, 0, None, True)]
+            st = stats[AR]
             st["s"] += time.perf_counter() - t0
             st["tok"] += len(ar.tokens)
             st["nfe"] += ar.nfe
             n_prompts += 1
             for c in configs:
-                kind, k, n, d, lk = c
+                kind, k, n, d, lk, stop = c
                 if d is not None:
                     model.set_feature_drafter(drafters[d])
+                FeatureDraftDecoder._settled = settled if stop else staticmethod(lambda *a: False)
                 t0 = time.perf_counter()
                 g = trimode.generate(model, [ids], mode="linear", max_new_tokens=args.max_new_tokens, eos_id=eos,
                                      block_len=k, tree_nodes=n, drafter=kind, lookup=lk)[0]
@@ -88,18 +95,20 @@ def main(argv: list[str] | None = None) -> int:
                 st["acc"] += g.stats["acceptance"]
                 st["same"] += g.tokens == ar.tokens
             print(f"  {cat} prompt done ({time.time() - t_start:.0f}s)", flush=True)
-    base = stats[("ar", 1, 0, None, True)]
+    FeatureDraftDecoder._settled = settled
+    base = stats[AR]
     ar_tps = base["tok"] / base["s"]
     print(f"load average {os.getloadavg()[0]:.2f}; {n_prompts} prompts x {args.max_new_tokens} tokens, "
           f"{args.dtype}, {args.threads} thread(s)")
-    print(f"{'config':<34} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
+    print(f"{"config":<40} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
     for c, st in stats.items():
-        kind, k, n, d, lk = c
+        kind, k, n, d, lk, stop = c
         name = "ar" if kind == "ar" else (f"{kind} k={k}" + (f" tree{n}" if n else "") + ("" if lk else " no-lookup")
+                                          + ("" if stop or not n else " full-depth")
                                           + (f" [{os.path.basename(d.rstrip('/'))}]" if d else ""))
         acc = f"{sum(st['acc']) / len(st['acc']):.2f}" if st["acc"] else "-"
         tps = st["tok"] / st["s"]
-        print(f"{name:<34} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "
+        print(f"{name:<40} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "
               f"{st['same'] if kind != 'ar' else '-':>6}/{n_prompts}")
     return 0
 
