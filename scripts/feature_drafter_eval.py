@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ar_tps = base["tok"] / base["s"]
     print(f"load average {os.getloadavg()[0]:.2f}; {n_prompts} prompts x {args.max_new_tokens} tokens, "
           f"{args.dtype}, {args.threads} thread(s)")
-    print(f"{"config":<40} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
+    print(f"{'config':<40} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
     for c, st in stats.items():
         kind, k, n, d, lk, stop = c
         name = "ar" if kind == "ar" else (f"{kind} k={k}" + (f" tree{n}" if n else "") + ("" if lk else " no-lookup")
