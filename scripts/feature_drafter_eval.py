@@ -16,14 +16,15 @@ import os
 import time
 
 
-def _specs(s: str) -> list[tuple[int, int, bool, bool]]:
-    """k[:tree nodes[:nl][:full]] (nl: without the prompt-lookup path; full: trees drafted to full
-    depth, without the early stop once no deeper node can enter the tree)."""
+def _specs(s: str) -> list[tuple[int, int, bool, bool, int]]:
+    """k[:tree nodes[:nl][:full][:bN]] (nl: without the prompt-lookup path; full: trees drafted to full
+    depth, without the early stop once no deeper node can enter the tree; bN: N children per node)."""
     out = []
     for part in filter(None, s.split(",")):
         bits = part.split(":")
+        branch = next((int(b[1:]) for b in bits[2:] if b.startswith("b") and b[1:].isdigit()), 3)
         out.append((int(bits[0]), int(bits[1]) if len(bits) > 1 and bits[1] else 0, "nl" not in bits[2:],
-                    "full" not in bits[2:]))
+                    "full" not in bits[2:], branch))
     return out
 
 
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=2, help="per category")
     p.add_argument("--categories", default="coding,math,chat")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--feature", default="4:0,6:12,8:16", help="k:tree nodes[:nl][:full] of the feature drafter, comma-separated (nl: no lookup path; full: no early stop)")
+    p.add_argument("--feature", default="4:0,6:12,8:16",
+                   help="k:tree nodes[:nl][:full][:bN] of the feature drafter, comma-separated (nl: no lookup "
+                   "path; full: no early stop; bN: N children per node, default 3)")
     p.add_argument("--adapter", default="8:12", help="k:tree nodes of the draft adapter ('' for none)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=1)
@@ -63,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from trimode.decode.featdraft import FeatureDraftDecoder
 
     settled = FeatureDraftDecoder.__dict__["_settled"]  # the staticmethod itself
-    configs = [("adapter", k, n, None, True, True) for k, n, _, _ in _specs(args.adapter)]
-    configs += [("feature", k, n, d, lk, stop) for d in drafters for k, n, lk, stop in _specs(args.feature)]
-    AR = ("ar", 1, 0, None, True, True)
+    configs = [("adapter", k, n, None, True, True, b) for k, n, _, _, b in _specs(args.adapter)]
+    configs += [("feature", k, n, d, lk, stop, b) for d in drafters for k, n, lk, stop, b in _specs(args.feature)]
+    AR = ("ar", 1, 0, None, True, True, 3)
     stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [AR] + configs}
     eos = tok.eos_id
     n_prompts = 0
@@ -81,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
             st["nfe"] += ar.nfe
             n_prompts += 1
             for c in configs:
-                kind, k, n, d, lk, stop = c
+                kind, k, n, d, lk, stop, b = c
                 if d is not None:
                     model.set_feature_drafter(drafters[d])
                 FeatureDraftDecoder._settled = settled if stop else staticmethod(lambda *a: False)
                 t0 = time.perf_counter()
                 g = trimode.generate(model, [ids], mode="linear", max_new_tokens=args.max_new_tokens, eos_id=eos,
-                                     block_len=k, tree_nodes=n, drafter=kind, lookup=lk)[0]
+                                     block_len=k, tree_nodes=n, drafter=kind, lookup=lk, tree_branch=b)[0]
                 st = stats[c]
                 st["s"] += time.perf_counter() - t0
                 st["tok"] += len(g.tokens)
@@ -102,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.dtype}, {args.threads} thread(s)")
     print(f"{'config':<40} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
     for c, st in stats.items():
-        kind, k, n, d, lk, stop = c
-        name = "ar" if kind == "ar" else (f"{kind} k={k}" + (f" tree{n}" if n else "") + ("" if lk else " no-lookup")
+        kind, k, n, d, lk, stop, b = c
+        name = "ar" if kind == "ar" else (f"{kind} k={k}" + (f" tree{n}" if n else "")
+                                          + (f" b{b}" if n and b != 3 else "")
+                                          + ("" if lk else " no-lookup")
                                           + ("" if stop or not n else " full-depth")
                                           + (f" [{os.path.basename(d.rstrip('/'))}]" if d else ""))
         acc = f"{sum(st['acc']) / len(st['acc']):.2f}" if st["acc"] else "-"
