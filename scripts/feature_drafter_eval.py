@@ -16,15 +16,17 @@ import os
 import time
 
 
-def _specs(s: str) -> list[tuple[int, int, bool, bool, int]]:
-    """k[:tree nodes[:nl][:full][:bN]] (nl: without the prompt-lookup path; full: trees drafted to full
-    depth, without the early stop once no deeper node can enter the tree; bN: N children per node)."""
+def _specs(s: str) -> list[tuple[int, int, bool, bool, int, float]]:
+    """k[:tree nodes[:nl][:full][:bN][:pX]] (nl: without the prompt-lookup path; full: trees drafted to
+    full depth, without the early stop once no deeper node can enter the tree; bN: N children per node;
+    pX: tree_min_prob X, stop drafting deeper once no frontier path is that likely)."""
     out = []
     for part in filter(None, s.split(",")):
         bits = part.split(":")
         branch = next((int(b[1:]) for b in bits[2:] if b.startswith("b") and b[1:].isdigit()), 3)
+        pmin = next((float(b[1:]) for b in bits[2:] if b.startswith("p")), 0.0)
         out.append((int(bits[0]), int(bits[1]) if len(bits) > 1 and bits[1] else 0, "nl" not in bits[2:],
-                    "full" not in bits[2:], branch))
+                    "full" not in bits[2:], branch, pmin))
     return out
 
 
@@ -66,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     from trimode.decode.featdraft import FeatureDraftDecoder
 
     settled = FeatureDraftDecoder.__dict__["_settled"]  # the staticmethod itself
-    configs = [("adapter", k, n, None, True, True, b) for k, n, _, _, b in _specs(args.adapter)]
-    configs += [("feature", k, n, d, lk, stop, b) for d in drafters for k, n, lk, stop, b in _specs(args.feature)]
-    AR = ("ar", 1, 0, None, True, True, 3)
+    configs = [("adapter", k, n, None, True, True, b, 0.0) for k, n, _, _, b, _ in _specs(args.adapter)]
+    configs += [("feature", k, n, d, lk, stop, b, pm) for d in drafters
+                for k, n, lk, stop, b, pm in _specs(args.feature)]
+    AR = ("ar", 1, 0, None, True, True, 3, 0.0)
     stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [AR] + configs}
+    by_cat = {(c, cat): {"tok": 0, "s": 0.0, "nfe": 0} for c in [AR] + configs for cat in suites}
     eos = tok.eos_id
     n_prompts = 0
     t_start = time.time()
@@ -78,23 +82,26 @@ def main(argv: list[str] | None = None) -> int:
             ids = list(pr.tokens)
             t0 = time.perf_counter()
             ar = trimode.generate(model, [ids], mode="ar", max_new_tokens=args.max_new_tokens, eos_id=eos)[0]
-            st = stats[AR]
-            st["s"] += time.perf_counter() - t0
-            st["tok"] += len(ar.tokens)
-            st["nfe"] += ar.nfe
+            for st in (stats[AR], by_cat[AR, cat]):
+                st["s"] += time.perf_counter() - t0
+                st["tok"] += len(ar.tokens)
+                st["nfe"] += ar.nfe
             n_prompts += 1
             for c in configs:
-                kind, k, n, d, lk, stop, b = c
+                kind, k, n, d, lk, stop, b, pm = c
                 if d is not None:
                     model.set_feature_drafter(drafters[d])
                 FeatureDraftDecoder._settled = settled if stop else staticmethod(lambda *a: False)
                 t0 = time.perf_counter()
                 g = trimode.generate(model, [ids], mode="linear", max_new_tokens=args.max_new_tokens, eos_id=eos,
-                                     block_len=k, tree_nodes=n, drafter=kind, lookup=lk, tree_branch=b)[0]
+                                     block_len=k, tree_nodes=n, drafter=kind, lookup=lk, tree_branch=b,
+                                     tree_min_prob=pm)[0]
+                dt = time.perf_counter() - t0
+                for st in (stats[c], by_cat[c, cat]):
+                    st["s"] += dt
+                    st["tok"] += len(g.tokens)
+                    st["nfe"] += g.nfe
                 st = stats[c]
-                st["s"] += time.perf_counter() - t0
-                st["tok"] += len(g.tokens)
-                st["nfe"] += g.nfe
                 st["acc"] += g.stats["acceptance"]
                 st["same"] += g.tokens == ar.tokens
             print(f"  {cat} prompt done ({time.time() - t_start:.0f}s)", flush=True)
@@ -103,18 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     ar_tps = base["tok"] / base["s"]
     print(f"load average {os.getloadavg()[0]:.2f}; {n_prompts} prompts x {args.max_new_tokens} tokens, "
           f"{args.dtype}, {args.threads} thread(s)")
-    print(f"{'config':<40} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}")
+    cats = list(suites)
+    print(f"{'config':<40} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}   "
+          + "  ".join(f"{c} tok/fwd, vs ar" for c in cats))
     for c, st in stats.items():
-        kind, k, n, d, lk, stop, b = c
+        kind, k, n, d, lk, stop, b, pm = c
         name = "ar" if kind == "ar" else (f"{kind} k={k}" + (f" tree{n}" if n else "")
                                           + (f" b{b}" if n and b != 3 else "")
+                                          + (f" p{pm:g}" if n and pm else "")
                                           + ("" if lk else " no-lookup")
                                           + ("" if stop or not n else " full-depth")
                                           + (f" [{os.path.basename(d.rstrip('/'))}]" if d else ""))
         acc = f"{sum(st['acc']) / len(st['acc']):.2f}" if st["acc"] else "-"
         tps = st["tok"] / st["s"]
+        per = []
+        for cat in cats:
+            x, a = by_cat[c, cat], by_cat[AR, cat]
+            per.append(f"{x['tok'] / max(x['nfe'], 1):.2f}, {(x['tok'] / x['s']) / (a['tok'] / a['s']):.2f}x")
         print(f"{name:<40} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "
-              f"{st['same'] if kind != 'ar' else '-':>6}/{n_prompts}")
+              f"{st['same'] if kind != 'ar' else '-':>6}/{n_prompts}   " + "  ".join(per))
     return 0
 
 

@@ -231,3 +231,26 @@ def test_transformers_peer_matches_our_ar(model) -> None:
     for lookup in (None, 3):
         r = hf_generate(hf, [p], max_new_tokens=8, eos_id=5, lookup=lookup)
         assert r.outputs["p"] == ours
+
+
+def test_tree_min_probs_add_cut_feature_trees_and_bad_values_are_clear() -> None:
+    import argparse
+
+    from trimode.bench.cli import build_parser, make_configs
+
+    class WithDrafter:
+        feature_drafter = object()
+
+    p = build_parser()
+    args = p.parse_args(["--modes", "ar,linear", "--block-lens", "5", "--tree-nodes", "8", "--drafters", "feature",
+                         "--tree-min-probs", "0.05,0.1"])
+    labels = [c.label for c in make_configs(args, WithDrafter())]
+    assert labels == ["ar", "linear k=5 feature", "linear k=5 tree8 feature", "linear k=5 tree8 feature p0.05",
+                      "linear k=5 tree8 feature p0.1"]
+    args = p.parse_args(["--modes", "ar,linear", "--block-lens", "5", "--drafters", "feature",
+                         "--tree-min-probs", "0.05"])
+    with pytest.raises(ValueError, match="--tree-min-probs"):
+        make_configs(args, WithDrafter())  # no tree to cut
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            __import__("trimode.bench.cli", fromlist=["x"])._probs(bad)

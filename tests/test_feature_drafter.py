@@ -277,6 +277,61 @@ def test_settled_is_exact_on_a_hand_made_frontier():
     assert not settled(nodes, [[2]], 5)  # fewer nodes than the tree holds: keep drafting
 
 
+@pytest.mark.parametrize("K,nodes", [(5, 8), (8, 8)])
+def test_min_prob_stop_drafts_less_and_stays_lossless(model, monkeypatch, K, nodes):
+    """tree_min_prob stops drafting deeper once no frontier path is that likely: a different (shallower)
+    tree, so fewer drafter steps, but every emitted token is still the verifier's: greedy == AR."""
+    fd = model.feature_drafter
+    real_fwd = type(fd).forward
+    ref = generate(model, PROMPTS + [PROMPT], mode="ar", max_new_tokens=40)
+    steps = {}
+    for p in (0.0, 0.3):
+        calls = [0]
+
+        def fwd(self, *a, calls=calls, **k):
+            calls[0] += 1
+            return real_fwd(self, *a, **k)
+
+        monkeypatch.setattr(type(fd), "forward", fwd)
+        got = generate(model, PROMPTS + [PROMPT], mode="linear", block_len=K, tree_nodes=nodes, max_new_tokens=40,
+                       tree_min_prob=p)
+        monkeypatch.setattr(type(fd), "forward", real_fwd)
+        assert [g.tokens for g in got] == [g.tokens for g in ref], p
+        steps[p] = calls[0]
+    assert steps[0.3] < steps[0.0], steps
+
+
+def test_stored_min_prob_is_the_default(model, monkeypatch):
+    """A depth cut stored with the model (decoding.json) applies when the caller names none, at the
+    stored block length only; an explicit tree_min_prob overrides it."""
+    fd = model.feature_drafter
+    real_fwd = type(fd).forward
+    calls = [0]
+
+    def fwd(self, *a, **k):
+        calls[0] += 1
+        return real_fwd(self, *a, **k)
+
+    def steps(**kw):
+        calls[0] = 0
+        generate(model, PROMPTS, mode="linear", max_new_tokens=40, **kw)
+        return calls[0]
+
+    monkeypatch.setattr(type(fd), "forward", fwd)
+    explicit = steps(block_len=6, tree_nodes=8, tree_min_prob=0.3)
+    full = steps(block_len=6, tree_nodes=8, tree_min_prob=0.0)
+    monkeypatch.setattr(model, "decoding", {"block_len": {"linear": 6}, "tree_nodes": {"linear": 8},
+                                            "tree_min_prob": {"linear": 0.3}}, raising=False)
+    assert steps() == explicit < full
+    assert steps(block_len=6, tree_min_prob=0.0) == full
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "0.5", True])
+def test_min_prob_bad_values_are_clear_errors(model, bad):
+    with pytest.raises(ValueError, match="tree_min_prob"):
+        generate(model, [PROMPT], mode="linear", block_len=4, tree_nodes=6, max_new_tokens=4, tree_min_prob=bad)
+
+
 def test_prompt_lookup_path_in_the_tree():
     """With a drafter that knows nothing, the prompt-lookup path alone gets drafts accepted where the
     output repeats itself; output stays AR's with and without it."""

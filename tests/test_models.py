@@ -154,6 +154,28 @@ def test_choose_block_lens_and_best_block_len(tmp_path):
         models.resolve_model(tmp_path / "nope")
 
 
+def test_tree_min_prob_is_chosen_stored_and_read_at_its_block_length(tmp_path):
+    runs = [{"mode": "linear", "block_len": 8, "policy": "threshold", "tokens_per_s": 30.0, "tree_nodes": 8,
+             "tree_min_prob": 0.05, "drafter": "feature"},
+            {"mode": "linear", "block_len": 8, "policy": "threshold", "tokens_per_s": 28.0, "tree_nodes": 8,
+             "tree_min_prob": 0.0, "drafter": "feature"}]
+    info = models.choose_block_lens(runs)
+    assert info["tree_min_prob"] == {"linear": 0.05} and info["tree_nodes"] == {"linear": 8}
+    models.write_decoding(tmp_path, info)
+
+    class M:
+        decoding = models.read_decoding(tmp_path)
+
+    assert models.stored_tree_min_prob(M(), "linear", 8) == 0.05
+    assert models.stored_tree_min_prob(M(), "linear", 5) == 0.0  # measured at another block length
+    assert models.stored_tree_min_prob(M(), "quadratic", 8) == 0.0
+    M.decoding = {**M.decoding, "tree_min_prob": {"linear": 1.5}}
+    assert models.stored_tree_min_prob(M(), "linear", 8) == 0.0  # a damaged value is ignored
+    # a re-measurement whose winner has no cut drops the stored one
+    models.write_decoding(tmp_path, models.choose_block_lens(runs[1:]))
+    assert models.read_decoding(tmp_path)["tree_min_prob"] == {}
+
+
 def test_write_decoding_merges_modes(tmp_path):
     models.write_decoding(tmp_path, {"block_len": {"linear": 8, "diffusion": 4}, "tree_nodes": {"linear": 16},
                                      "by_category": {"chat": {"diffusion": 8}}})

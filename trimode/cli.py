@@ -281,7 +281,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes,
-                              drafter=args.drafter, max_thinking_tokens=args.max_thinking_tokens,
+                              tree_min_prob=args.tree_min_prob, drafter=args.drafter,
+                              max_thinking_tokens=args.max_thinking_tokens,
                               think_ids=tok.think_ids() if args.max_thinking_tokens is not None else None,
                               images=[images] if images else None)
     stream = tok.stream()
@@ -349,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tree-nodes", type=int, default=None,
                    help="linear, greedy: verify a best-first tree of N draft nodes (0: a chain; default: the "
                         "model's decoding.json at its block length, else 0)")
+    g.add_argument("--tree-min-prob", type=float, default=None,
+                   help="linear, feature drafter trees: stop drafting deeper once no frontier path has this "
+                        "probability (0: full depth; default: the model's decoding.json at its block length)")
     g.add_argument("--policy", default="threshold", choices=["threshold", "learned"],
                    help="diffusion unmasking: confidence threshold, or the learned sampler scored against --threshold")
     g.add_argument("--sampler", default=None, help="learned sampler dir (default: MODEL/sampler)")

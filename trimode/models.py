@@ -239,11 +239,13 @@ def write_decoding(model_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
         raise ValueError(f"model directory {d} does not exist")
     old = read_decoding(d)
     merged = {**old, **info}
-    for key in ("block_len", "tree_nodes", "tokens_per_s", "drafter"):
+    for key in ("block_len", "tree_nodes", "tree_min_prob", "tokens_per_s", "drafter"):
         if key in old or key in info:
             merged[key] = {**old.get(key, {}), **info.get(key, {})}
     if "linear" in info.get("block_len", {}) and "linear" not in info.get("tree_nodes", {}):
         merged.get("tree_nodes", {}).pop("linear", None)  # a chain won this time: drop an older tree
+    if "linear" in info.get("block_len", {}) and "linear" not in info.get("tree_min_prob", {}):
+        merged.get("tree_min_prob", {}).pop("linear", None)
     if "linear" in info.get("block_len", {}) and "linear" not in info.get("drafter", {}):
         merged.get("drafter", {}).pop("linear", None)
     by_cat = dict(old.get("by_category", {}))
@@ -279,6 +281,8 @@ def choose_block_lens(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["block_len"][m] = best["block_len"]
         if best.get("tree_nodes"):
             out.setdefault("tree_nodes", {})[m] = best["tree_nodes"]
+        if best.get("tree_nodes") and best.get("tree_min_prob"):
+            out.setdefault("tree_min_prob", {})[m] = best["tree_min_prob"]
         if m == "linear" and best.get("drafter") in ("adapter", "feature"):
             out.setdefault("drafter", {})[m] = best["drafter"]
         out["tokens_per_s"][m] = {r["config"] if "config" in r else str(r["block_len"]): round(r["tokens_per_s"], 3)
@@ -306,6 +310,17 @@ def stored_tree_nodes(model, mode: str, block_len: int) -> int:
         return 0
     v = info.get("tree_nodes", {}).get("linear", 0)
     return v if isinstance(v, int) and v >= 0 else 0
+
+
+def stored_tree_min_prob(model, mode: str, block_len: int) -> float:
+    """The feature drafter's depth cut stored with the model (decoding.json "tree_min_prob": {"linear": p}:
+    stop drafting deeper once no frontier path is that likely), used only at the block length it was
+    measured with; 0 (draft to the full depth) otherwise."""
+    info = getattr(model, "decoding", None) or {}
+    if mode != "linear" or info.get("block_len", {}).get("linear") != block_len:
+        return 0.0
+    v = info.get("tree_min_prob", {}).get("linear", 0.0)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 else 0.0
 
 
 def for_inference(model, *, draft_vocab: bool = True, feature_drafter: str | os.PathLike | None = None):

@@ -33,6 +33,21 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _probs(s: str) -> list[float]:
+    out = []
+    for x in s.split(","):
+        if not x.strip():
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated probabilities, got {s!r}") from None
+        if not 0.0 < v < 1.0:
+            raise argparse.ArgumentTypeError(f"a depth cut must lie in (0, 1), got {x.strip()!r}")
+        out.append(v)
+    return out
+
+
 def _floats(s: str) -> list[float | None]:
     out: list[float | None] = []
     for x in s.split(","):
@@ -94,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-crossover", action="store_true", help="write auto_crossover to MODEL/serving.json")
     p.add_argument("--tree-nodes", type=_ints, default=[],
                    help="linear: also run verify trees of these many draft nodes at every block length")
+    p.add_argument("--tree-min-probs", type=_probs, default=[],
+                   help="linear feature-drafter trees: also run each tree with these depth cuts (stop drafting "
+                        "deeper once no frontier path is that likely), e.g. 0.05,0.1")
     p.add_argument("--write-block-lens", action="store_true",
                    help="write the fastest block length per mode (and per category where it differs) and the "
                         "faster speculative mode to MODEL/decoding.json, which demo, generate and serve read")
@@ -226,6 +244,10 @@ def make_configs(args: argparse.Namespace, model) -> list:
         raise ValueError(f"block lengths must be >= 1, got {ks}")
     configs = [Config("ar")]
     drafters = linear_drafters(args, model)
+    if getattr(args, "tree_min_probs", None) and ("linear" not in args.modes or "feature" not in drafters
+                                                   or not args.tree_nodes):
+        raise ValueError("--tree-min-probs cuts feature-drafter trees: it needs --modes linear, the feature "
+                         "drafter and --tree-nodes")
     for k in ks:
         if "diffusion" in args.modes:
             configs += [Config("diffusion", k, t) for t in args.thresholds]
@@ -237,6 +259,9 @@ def make_configs(args: argparse.Namespace, model) -> list:
         if "linear" in args.modes and k > 2:
             room = sum(3 ** d for d in range(1, k))  # nodes a tree of branch 3 can hold over k - 1 slots
             configs += [Config("linear", k, tree_nodes=n, drafter=d) for d in drafters
+                        for n in args.tree_nodes if k - 1 < n <= room]
+            configs += [Config("linear", k, tree_nodes=n, drafter="feature", tree_min_prob=pm)
+                        for pm in args.tree_min_probs if pm and "feature" in drafters
                         for n in args.tree_nodes if k - 1 < n <= room]
     return configs
 

@@ -92,6 +92,7 @@ def prepare(
     acceptance: str = "auto",
     tree_nodes: int | None = None,
     tree_branch: int = 3,
+    tree_min_prob: float | None = None,
     drafter: str = "auto",
     lookup: bool = True,
     max_thinking_tokens: int | Sequence[int | None] | None = None,
@@ -109,12 +110,17 @@ def prepare(
         from ..models import stored_tree_nodes
 
         tree_nodes = stored_tree_nodes(model, m.value, block_len)
+    if tree_min_prob is None:  # the depth cut stored with the model at its block length, else none
+        from ..models import stored_tree_min_prob
+
+        tree_min_prob = stored_tree_min_prob(model, m.value, block_len)
     sampling = _sampling(len(prompts) if isinstance(prompts, Sequence) else 0, temperature=temperature,
                          top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, acceptance=acceptance)
     cfg = DecodeConfig(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
         draft_adapter=draft_adapter, draft_override=draft_override, policy=policy, tree_nodes=tree_nodes,
-        tree_branch=tree_branch, drafter=drafter, lookup=lookup,
+        tree_branch=tree_branch, tree_min_prob=tree_min_prob, drafter=drafter,
+        lookup=lookup,
     )
     _check_prompts(prompts)
     bad = [t for t in stop or () if not isinstance(t, int) or isinstance(t, bool)]

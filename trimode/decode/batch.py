@@ -52,6 +52,7 @@ class DecodeConfig:
     policy: object | None = field(default=None, compare=False)  # diffusion unmasking policy (overrides threshold)
     tree_nodes: int = 0  # linear, greedy batches: verify a best-first tree of this many draft nodes (0: a chain)
     tree_branch: int = 3  # candidates per slot when growing the tree
+    tree_min_prob: float = 0.0  # feature drafter trees: stop drafting deeper once no frontier path is this likely
     drafter: str = "auto"  # linear: "adapter" (a draft pass of the model), "feature" (its feature drafter), "auto"
     lookup: bool = True  # linear with the feature drafter, greedy trees: add the prompt-lookup continuation as a path
 
@@ -71,6 +72,9 @@ class DecodeConfig:
             raise ValueError(f"tree_nodes must be an integer >= 0, got {self.tree_nodes!r}")
         if not is_int(self.tree_branch) or self.tree_branch < 1:
             raise ValueError(f"tree_branch must be an integer >= 1, got {self.tree_branch!r}")
+        if not isinstance(self.tree_min_prob, (int, float)) or isinstance(self.tree_min_prob, bool) \
+                or not 0.0 <= self.tree_min_prob < 1.0:
+            raise ValueError(f"tree_min_prob must lie in [0, 1), got {self.tree_min_prob!r}")
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
         if self.policy is not None and not callable(getattr(self.policy, "select", None)):

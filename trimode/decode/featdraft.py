@@ -21,6 +21,7 @@ tokens per second.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -227,9 +228,13 @@ class FeatureDraftDecoder(Decoder):
         frontier = [list(range(len(nodes[r]))) for r in range(B)]
         parent_feat = feat.expand(B, b, feat.shape[-1])  # the feature each frontier node's entry reads
         n_keep = max(n_nodes, D)
+        log_min = math.log(self.cfg.tree_min_prob) if self.cfg.tree_min_prob > 0 else -math.inf
         for d in range(1, D):
             if self._settled(nodes, frontier, n_keep):
                 break  # no deeper node can enter the tree: stop drafting (same tree, fewer drafter steps)
+            if self.cfg.tree_min_prob > 0 and all(
+                    max(nodes[r][i][0] for i in f) < log_min for r, f in enumerate(frontier)):
+                break  # no frontier path is likely enough to pay for another drafter step
             W = b
             fr = [f + [f[-1]] * (W - len(f)) for f in frontier]  # every row W entries (repeats are harmless)
             toks = torch.tensor([[nodes[r][i][2] for i in fr[r]] for r in range(B)], device=dev)

@@ -360,12 +360,13 @@ class Engine:
         from ..decode import DecodeConfig, Mode
 
         mode, block_len, threshold = key
-        from ..models import stored_tree_nodes
+        from ..models import stored_tree_min_prob, stored_tree_nodes
 
         # Linear at the model's measured block length verifies greedy batches with its measured tree.
         cfg = DecodeConfig(max_new_tokens=self.config.default_max_tokens, block_len=block_len,
                            threshold=0.9 if threshold is None else threshold,
-                           tree_nodes=stored_tree_nodes(self.model, mode, block_len))
+                           tree_nodes=stored_tree_nodes(self.model, mode, block_len),
+                           tree_min_prob=stored_tree_min_prob(self.model, mode, block_len))
         return make_decoder(self.model, Mode.parse(mode), cfg)
 
     def _cycle(self) -> None:

@@ -190,8 +190,10 @@ class Sequences:
 
 
 def ar_continuations(model, prompts: list[list[int]], *, new: int, eos_id: int | None, batch: int = 32,
-                     pad_id: int = 0, log=print) -> Sequences:
-    """The model's own AR greedy continuations (base weights), EOS kept as the last target."""
+                     pad_id: int = 0, log=print, **sampling: object) -> Sequences:
+    """The model's own AR continuations (base weights), EOS kept as the last target: greedy, or sampled
+    when `sampling` holds `generate` options (temperature, top_p, ..., seed: prompt i of the whole list
+    gets seed + i, so the result does not depend on the batch size)."""
     from ..decode import generate
 
     seqs: list[list[int]] = []
@@ -199,7 +201,10 @@ def ar_continuations(model, prompts: list[list[int]], *, new: int, eos_id: int |
     t0 = time.perf_counter()
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
-        gens = generate(model, chunk, mode="ar", max_new_tokens=new, eos_id=eos_id, draft_adapter=None)
+        opts = dict(sampling)
+        if opts.get("seed") is not None:
+            opts["seed"] = int(opts["seed"]) + s  # type: ignore[call-overload]
+        gens = generate(model, chunk, mode="ar", max_new_tokens=new, eos_id=eos_id, draft_adapter=None, **opts)
         for p, g in zip(chunk, gens):
             tail = [eos_id] if g.finish_reason == "stop" and eos_id is not None else []
             seqs.append(list(p) + g.tokens + tail)
