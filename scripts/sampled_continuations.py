@@ -1,4 +1,4 @@
-"""Sampled (not greedy) continuations of the chat training prompts, as a self-distillation cache for
+"""Sampled (or greedy) continuations of the chat training prompts, as a self-distillation cache for
 `trimode train-feature-drafter --data-cache`.
 
     python scripts/sampled_continuations.py --out runs/smol/chat_sampled.pt --temperature 0.8 --top-p 0.95
@@ -21,17 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the cache to write (.pt)")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--sources", default="chat,advice", help="comma-separated train sources (trimode.train.distill)")
+    p.add_argument("--sources", default="chat,advice",
+                   help="comma-separated train sources (trimode.train.distill) and jsonl files of {\"prompt\": ...}")
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy continuations")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    if args.temperature <= 0:
-        raise SystemExit("--temperature must be > 0 (greedy continuations: trimode train-drafter --data-cache)")
+    if args.temperature < 0:
+        raise SystemExit("--temperature must be >= 0 (0: greedy)")
 
     import torch
 
@@ -43,22 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sources = [s for s in args.sources.split(",") if s]
-    bad = [s for s in sources if s not in TRAIN_SOURCES]
+    bad = [s for s in sources if s not in TRAIN_SOURCES and not s.endswith(".jsonl")]
     if bad:
-        raise SystemExit(f"unknown source(s) {bad}; choose from {TRAIN_SOURCES}")
+        raise SystemExit(f"unknown source(s) {bad}; choose from {TRAIN_SOURCES} or pass a .jsonl file")
     d = resolve_model(args.model)
     tok = load_tokenizer(d)
     model = load_model(d, dtype=torch.bfloat16).eval()
     texts: list[str] = []
     for s in sources:
-        texts += category_texts(s, split="train")
+        if s.endswith(".jsonl"):
+            import json
+
+            with open(s, encoding="utf-8") as f:
+                texts += [json.loads(line)["prompt"] for line in f if line.strip()]
+        else:
+            texts += category_texts(s, split="train")
     prompts = chat_prompts(tok, texts, n=len(texts), seed=args.seed)[: args.limit]
     c = model.config
     t0 = time.perf_counter()
     seqs = ar_continuations(model, prompts, new=args.max_new_tokens, eos_id=c.eos_token_id, batch=args.batch,
                             pad_id=c.pad_token_id if c.pad_token_id is not None else 0,
-                            log=lambda m: print(m, flush=True), temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
+                            log=lambda m: print(m, flush=True),
+                            **({"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+                               if args.temperature > 0 else {}))
     out = dict(vars(seqs))
     out["meta"] = {"sources": sources, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                    "max_new_tokens": args.max_new_tokens, "model": args.model}
