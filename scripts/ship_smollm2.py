@@ -36,6 +36,12 @@ def main() -> int:
         for f in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copy(Path(args.feature_drafter) / f, fd_out / f)
         print(f"wrote {fd_out} ({sum(f.stat().st_size for f in fd_out.iterdir()) / 1e6:.1f} MB)")
+    if args.decoding:
+        spec = json.loads((ASSET / "model.json").read_text())
+        dec = json.loads(Path(args.decoding).read_text())
+        keys = ("block_len", "tree_nodes", "tree_min_prob", "drafter", "speculative_mode", "by_category")
+        spec["decoding"] = {k: dec[k] for k in keys if k in dec}
+        (ASSET / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
     if not args.adapter:
         return 0
     src = Path(args.adapter)
@@ -49,12 +55,6 @@ def main() -> int:
     shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
     if (src / "draft_vocab.json").is_file():  # a draft vocabulary (train-drafter --draft-vocab) ships with it
         shutil.copy(src / "draft_vocab.json", out / "draft_vocab.json")
-    if args.decoding:
-        spec = json.loads((ASSET / "model.json").read_text())
-        dec = json.loads(Path(args.decoding).read_text())
-        keys = ("block_len", "tree_nodes", "drafter", "speculative_mode", "by_category")
-        spec["decoding"] = {k: dec[k] for k in keys if k in dec}
-        (ASSET / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB, {len(tensors)} tensors)")
     return 0

@@ -109,3 +109,24 @@ def test_stdlib_code_prompts_are_deterministic_and_train_only():
     assert len(set(names)) == len(names) and all(not n.startswith("_") for n in names)
     assert all(t.startswith("Write a Python function `") and t.endswith(".") for t in texts)
     assert category_texts("stdlib-code", split="train") == texts and category_texts("stdlib-code", split="test") == []
+
+
+def test_sampled_continuations_are_seeded_per_prompt_not_per_batch():
+    """ar_continuations with sampling options: prompt i is drawn with seed + i, so the cache does not
+    depend on the batch size; without them it is AR greedy."""
+    from _tiny import PROMPTS, tiny_model
+
+    from trimode import generate
+    from trimode.train.distill import ar_continuations
+
+    m = tiny_model(dlm_type="dream", eos=7, dtype=torch.float32)
+    prompts = [list(p) for p in PROMPTS] * 2
+    runs = [ar_continuations(m, prompts, new=12, eos_id=7, batch=b, log=lambda s: None, temperature=1.0, seed=3)
+            for b in (1, 3)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].valid, runs[1].valid)
+    greedy = ar_continuations(m, prompts, new=12, eos_id=7, batch=2, log=lambda s: None)
+    ref = generate(m, prompts, mode="ar", max_new_tokens=12, eos_id=7)
+    for i, g in enumerate(ref):
+        P = len(prompts[i])
+        assert greedy.tokens[i, P: P + len(g.tokens)].tolist() == g.tokens
+    assert not torch.equal(runs[0].tokens, greedy.tokens)  # sampling at temperature 1 leaves greedy somewhere
