@@ -39,7 +39,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--modes", default="linear:8,quadratic:3",
-                   help="mode:block_len[:tree_nodes], comma-separated")
+                   help="mode:block_len[:tree_nodes[:tree_min_prob]], comma-separated")
     p.add_argument("--prompts", type=int, default=6, help="per category")
     p.add_argument("--categories", default="coding,math,chat")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -52,7 +52,8 @@ def main() -> int:
     m16 = load_model(path, dtype=torch.bfloat16)
     m32 = load_model(path, dtype=torch.float32)
     suites = build_suites(tok, n=args.prompts, categories=args.categories.split(","), chat=True, model_dir=path)
-    modes = [(f[0], int(f[1]), int(f[2]) if len(f) > 2 else 0) for f in (s.split(":") for s in args.modes.split(","))]
+    modes = [(f[0], int(f[1]), int(f[2]) if len(f) > 2 else 0, float(f[3]) if len(f) > 3 else 0.0)
+             for f in (s.split(":") for s in args.modes.split(","))]
     eos = tok.eos_id
     recs = []
     print(f"model {path}, load average {os.getloadavg()[0]:.2f}")
@@ -63,13 +64,14 @@ def main() -> int:
             ids = list(pr.tokens)
             ar16 = generate(m16, [ids], mode="ar", max_new_tokens=args.max_new_tokens, eos_id=eos)[0].tokens
             ar32 = generate(m32, [ids], mode="ar", max_new_tokens=args.max_new_tokens, eos_id=eos)[0].tokens
-            for mode, k, tn in modes:
+            for mode, k, tn, pm in modes:
                 kw = {"mode": mode, "block_len": k, "tree_nodes": tn, "max_new_tokens": args.max_new_tokens,
-                      "eos_id": eos}
+                      "eos_id": eos, **({"tree_min_prob": pm} if mode == "linear" else {})}
                 s16 = generate(m16, [ids], **kw)[0]
                 s32 = generate(m32, [ids], **kw)[0]
                 i = first_diff(s16.tokens, ar16)
                 rec = {"source": pr.source, "category": cat, "mode": mode, "block_len": k, "tree_nodes": tn,
+                       "tree_min_prob": pm,
                        "bf16_identical": i is None, "fp32_identical": s32.tokens == ar32,
                        "agreement": 1.0 if i is None else i / max(len(ar16), 1)}
                 if i is not None and i < min(len(s16.tokens), len(ar16)):
@@ -92,14 +94,14 @@ def main() -> int:
                 nm = f"{rec['noise_max']:.4f}" if "noise_max" in rec else "-"
                 nmean = f"{rec['noise_mean']:.4f}" if "noise_mean" in rec else "-"
                 tie = ("yes" if rec["near_tie"] else "NO") if "near_tie" in rec else "-"
-                name = f"{mode}:{k}" + (f":t{tn}" if tn else "")
+                name = f"{mode}:{k}" + (f":t{tn}" if tn else "") + (f":p{pm:g}" if pm else "")
                 print(f"{pr.source:<14} {name:<12} {str(rec['bf16_identical']):>10} "
                       f"{rec['agreement']:>6.2f} {at!s:>4} {gap:>7} {nm:>9} {nmean:>10} {tie:>8} "
                       f"{str(rec['fp32_identical']):>10}", flush=True)
-    for mode, k, tn in modes:
-        rs = [r for r in recs if (r["mode"], r["block_len"], r["tree_nodes"]) == (mode, k, tn)]
+    for mode, k, tn, pm in modes:
+        rs = [r for r in recs if (r["mode"], r["block_len"], r["tree_nodes"], r["tree_min_prob"]) == (mode, k, tn, pm)]
         div = [r for r in rs if "gap" in r]
-        name = f"{mode}:{k}" + (f":t{tn}" if tn else "")
+        name = f"{mode}:{k}" + (f":t{tn}" if tn else "") + (f":p{pm:g}" if pm else "")
         print(f"{name}: bf16 identical {sum(r['bf16_identical'] for r in rs)}/{len(rs)}, token agreement "
               f"{sum(r['agreement'] for r in rs) / len(rs):.3f}, divergences that are near-ties "
               f"{sum(r['near_tie'] for r in div)}/{len(div)}, fp32 identical {sum(r['fp32_identical'] for r in rs)}"
