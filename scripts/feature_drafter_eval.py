@@ -1,12 +1,13 @@
 """Feature drafters against the draft adapter on held-out prompts: acceptance, tokens per forward, tok/s.
 
-    python scripts/feature_drafter_eval.py DRAFTER_DIR [DRAFTER_DIR ...] [--model smollm2] [--prompts 2]
+    python scripts/feature_drafter_eval.py DRAFTER_DIR [DRAFTER_DIR ...] [--model smollm2] [--prompts 2] [--offset 0]
         [--max-new-tokens 96] [--feature 4:0,6:12,8:16,8:12:full] [--adapter 8:12] [--dtype bfloat16]
 
 Every prompt runs AR, then the adapter configurations, then each drafter's configurations, back to
 back (interleaved, so the ratios compare like with like on a shared machine); each run is checked
-against AR's tokens. Prompts: the held-out benchmark suites (coding: HumanEval + MBPP test; math: GSM8K
-test; chat: the project's held-out chat set), as `trimode bench` builds them.
+against AR's tokens; `fd/cyc` is the feature drafter's forwards per cycle. Prompts: the held-out
+benchmark suites (coding: HumanEval + MBPP test; math: GSM8K test; chat: the project's held-out chat
+set), as `trimode bench` builds them; `--offset 5` skips the benchmark's own first 5 per category.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("drafters", nargs="*", help="feature drafter directories ('shipped': the model's own)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--prompts", type=int, default=2, help="per category")
+    p.add_argument("--offset", type=int, default=0,
+                   help="skip the first N prompts of each category (5: prompts the 15-prompt benchmark does not use)")
     p.add_argument("--categories", default="coding,math,chat")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--feature", default="4:0,6:12,8:16",
@@ -64,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                        else load_feature_drafter(d, model.config, dtype=model.dtype))
         if drafters[d] is None:
             raise SystemExit(f"{d}: the model ships no feature drafter")
-    suites = build_suites(tok, categories=args.categories.split(","), n=args.prompts, chat=True, model_dir=path)
+    suites = build_suites(tok, categories=args.categories.split(","), n=args.offset + args.prompts, chat=True,
+                          model_dir=path)
+    suites = {c: ps[args.offset:] for c, ps in suites.items() if ps[args.offset:]}
+    if not suites:
+        raise SystemExit(f"no prompts left after --offset {args.offset}")
     from trimode.decode.featdraft import FeatureDraftDecoder
 
     settled = FeatureDraftDecoder.__dict__["_settled"]  # the staticmethod itself
@@ -72,7 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     configs += [("feature", k, n, d, lk, stop, b, pm) for d in drafters
                 for k, n, lk, stop, b, pm in _specs(args.feature)]
     AR = ("ar", 1, 0, None, True, True, 3, 0.0)
-    stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0} for c in [AR] + configs}
+    stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0, "calls": 0} for c in [AR] + configs}
+    calls = [0]  # feature drafter forwards (the feed of the accepted pairs and one per drafted depth)
+    for fd in {id(x): x for x in drafters.values()}.values():
+        real = type(fd).forward
+
+        def counted(self, *a, real=real, **k):
+            calls[0] += 1
+            return real(self, *a, **k)
+
+        type(fd).forward = counted
     by_cat = {(c, cat): {"tok": 0, "s": 0.0, "nfe": 0} for c in [AR] + configs for cat in suites}
     eos = tok.eos_id
     n_prompts = 0
@@ -92,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 if d is not None:
                     model.set_feature_drafter(drafters[d])
                 FeatureDraftDecoder._settled = settled if stop else staticmethod(lambda *a: False)
+                calls[0] = 0
                 t0 = time.perf_counter()
                 g = trimode.generate(model, [ids], mode="linear", max_new_tokens=args.max_new_tokens, eos_id=eos,
                                      block_len=k, tree_nodes=n, drafter=kind, lookup=lk, tree_branch=b,
@@ -102,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     st["tok"] += len(g.tokens)
                     st["nfe"] += g.nfe
                 st = stats[c]
+                st["calls"] += calls[0]
                 st["acc"] += g.stats["acceptance"]
                 st["same"] += g.tokens == ar.tokens
             print(f"  {cat} prompt done ({time.time() - t_start:.0f}s)", flush=True)
@@ -111,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {os.getloadavg()[0]:.2f}; {n_prompts} prompts x {args.max_new_tokens} tokens, "
           f"{args.dtype}, {args.threads} thread(s)")
     cats = list(suites)
-    print(f"{'config':<40} {'tok/fwd':>7} {'accept':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}   "
+    print(f"{'config':<40} {'tok/fwd':>7} {'accept':>6} {'fd/cyc':>6} {'tok/s':>7} {'vs ar':>6} {'same as ar':>10}   "
           + "  ".join(f"{c} tok/fwd, vs ar" for c in cats))
     for c, st in stats.items():
         kind, k, n, d, lk, stop, b, pm = c
@@ -127,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         for cat in cats:
             x, a = by_cat[c, cat], by_cat[AR, cat]
             per.append(f"{x['tok'] / max(x['nfe'], 1):.2f}, {(x['tok'] / x['s']) / (a['tok'] / a['s']):.2f}x")
-        print(f"{name:<40} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "
+        cyc = f"{st['calls'] / len(st['acc']):.2f}" if st["acc"] and kind == "feature" else "-"
+        print(f"{name:<40} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {cyc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "
               f"{st['same'] if kind != 'ar' else '-':>6}/{n_prompts}   " + "  ".join(per))
     return 0
 
