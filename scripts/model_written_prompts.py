@@ -13,7 +13,6 @@ reasonable length, are new, and are not a held-out prompt. Deterministic for a s
 from __future__ import annotations
 
 import argparse
-import json
 import re
 
 KINDS = (
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from trimode.models import resolve_model
     from trimode.prompts import ADVICE_TOPICS, CHAT_HELDOUT, CREATIVE_TOPICS, TRAIN_TOPICS
     from trimode.tokenizer import load_tokenizer
+    from trimode.train.distill import write_prompts_jsonl
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             seen.add(key)
             out.append(text)
         print(f"  {min(s + args.batch, len(asks))}/{len(asks)} asked, {len(out)} kept", flush=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for t in out:
-            f.write(json.dumps({"prompt": t}) + "\n")
+    write_prompts_jsonl(args.out, out)
     print(f"wrote {len(out)} prompts to {args.out}")
     return 0
 

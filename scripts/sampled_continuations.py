@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from trimode.checkpoint import load_model
     from trimode.models import resolve_model
     from trimode.tokenizer import load_tokenizer
-    from trimode.train.distill import TRAIN_SOURCES, ar_continuations, category_texts, chat_prompts
+    from trimode.train.distill import (
+        TRAIN_SOURCES,
+        ar_continuations,
+        category_texts,
+        chat_prompts,
+        read_prompts_jsonl,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     texts: list[str] = []
     for s in sources:
         if s.endswith(".jsonl"):
-            import json
-
-            with open(s, encoding="utf-8") as f:
-                texts += [json.loads(line)["prompt"] for line in f if line.strip()]
+            texts += read_prompts_jsonl(s)
         else:
             texts += category_texts(s, split="train")
     prompts = chat_prompts(tok, texts, n=len(texts), seed=args.seed)[: args.limit]

@@ -11,7 +11,6 @@ token ids open one of the cache's sequences).
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from trimode.models import resolve_model
     from trimode.prompts import chat_train_texts
     from trimode.tokenizer import load_tokenizer
+    from trimode.train.distill import write_prompts_jsonl
 
     tok = load_tokenizer(resolve_model(args.model))
     d = torch.load(args.data_cache, weights_only=False)
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = [t for t in texts
             if tuple(tok.encode(tok.apply_chat_template([{"role": "user", "content": t}],
                                                         add_generation_prompt=True))) not in used]
-    with open(args.out, "w", encoding="utf-8") as f:
-        for t in rest:
-            f.write(json.dumps({"prompt": t}) + "\n")
+    write_prompts_jsonl(args.out, rest)
     print(f"{len(rest)} of {len(texts)} chat training prompts are not in {args.data_cache}: wrote {args.out}")
     return 0
 

@@ -130,3 +130,13 @@ def test_sampled_continuations_are_seeded_per_prompt_not_per_batch():
         P = len(prompts[i])
         assert greedy.tokens[i, P: P + len(g.tokens)].tolist() == g.tokens
     assert not torch.equal(runs[0].tokens, greedy.tokens)  # sampling at temperature 1 leaves greedy somewhere
+
+
+def test_prompt_jsonl_round_trip(tmp_path):
+    from trimode.train.distill import read_prompts_jsonl, write_prompts_jsonl
+
+    texts = ["What is a prism?", 'Say "hi"\nin two lines.', "Ünïcode ✓"]
+    write_prompts_jsonl(tmp_path / "p.jsonl", texts)
+    assert read_prompts_jsonl(tmp_path / "p.jsonl") == texts
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Two plus two?"}) + "\n\n")
+    assert read_prompts_jsonl(tmp_path / "q.jsonl") == ["Two plus two?"]

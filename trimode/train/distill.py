@@ -100,6 +100,22 @@ def _jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_prompts_jsonl(path: str | Path, texts: Sequence[str]) -> None:
+    """Chat prompts as a jsonl of {"prompt": ...} lines (`--prompts FILE.jsonl`, `read_prompts_jsonl`)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"prompt": t}) + "\n")
+
+
+def read_prompts_jsonl(path: str | Path) -> list[str]:
+    """The user messages of a prompts jsonl (key "question", "text" or "prompt", as `train_prompts`)."""
+    rows = _jsonl(Path(path))
+    if not rows:
+        return []
+    key = "question" if "question" in rows[0] else ("text" if "text" in rows[0] else "prompt")
+    return [r[key] for r in rows]
+
+
 def category_texts(category: str, *, split: str, root: Path | None = None) -> list[str]:
     """User messages of a benchmark category. split "train": GSM8K train, MBPP tasks 511-974 (the
     upstream validation and train splits); split "test": GSM8K test, MBPP tasks 11-510, HumanEval
@@ -160,9 +176,7 @@ def train_prompts(model_dir: Path, tok, specs: Sequence[str] | None, *, n: int, 
         for s in named:
             out += chat_prompts(tok, category_texts(s, split="train"), n=n, seed=seed)
         for s in chat:
-            rows = _jsonl(Path(s))
-            key = "question" if "question" in rows[0] else ("text" if "text" in rows[0] else "prompt")
-            out += chat_prompts(tok, [r[key] for r in rows], n=n, seed=seed)
+            out += chat_prompts(tok, read_prompts_jsonl(s), n=n, seed=seed)
         if text:
             from .data import resolve_files
 
