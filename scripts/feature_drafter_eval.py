@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=2, help="per category")
     p.add_argument("--offset", type=int, default=0,
                    help="skip the first N prompts of each category (5: prompts the 15-prompt benchmark does not use)")
-    p.add_argument("--categories", default="coding,math,chat")
+    p.add_argument("--categories", default="coding,math,chat",
+                   help="benchmark categories; chat-train: training chat prompts (the generalisation gap)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--feature", default="4:0,6:12,8:16",
                    help="k:tree nodes[:nl][:full][:bN] of the feature drafter, comma-separated (nl: no lookup "
@@ -67,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
                        else load_feature_drafter(d, model.config, dtype=model.dtype))
         if drafters[d] is None:
             raise SystemExit(f"{d}: the model ships no feature drafter")
-    suites = build_suites(tok, categories=args.categories.split(","), n=args.offset + args.prompts, chat=True,
-                          model_dir=path)
+    cats = args.categories.split(",")
+    suites = build_suites(tok, categories=[c for c in cats if c != "chat-train"], n=args.offset + args.prompts,
+                          chat=True, model_dir=path)
     suites = {c: ps[args.offset:] for c, ps in suites.items() if ps[args.offset:]}
+    if "chat-train" in cats:  # training chat prompts (seen in drafter training): the generalisation gap
+        from trimode.bench.suites import Prompt
+        from trimode.prompts import advice_train_texts, chat_train_texts
+
+        n = args.prompts
+        texts = chat_train_texts()[::60][: (n + 1) // 2] + advice_train_texts()[::50][: n // 2]
+        suites["chat-train"] = [Prompt("chat-train", f"chat-train/{i}", t, tuple(tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True))))
+            for i, t in enumerate(texts)]
     if not suites:
         raise SystemExit(f"no prompts left after --offset {args.offset}")
     from trimode.decode.featdraft import FeatureDraftDecoder
@@ -81,15 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     AR = ("ar", 1, 0, None, True, True, 3, 0.0)
     stats = {c: {"tok": 0, "s": 0.0, "nfe": 0, "acc": [], "same": 0, "calls": 0} for c in [AR] + configs}
     calls = [0]  # feature drafter forwards (the feed of the accepted pairs and one per drafted depth)
-    for fd in {id(x): x for x in drafters.values()}.values():
-        real = type(fd).forward
+    classes = {type(x) for x in drafters.values()}
+    for cls in classes:  # once per class: drafters of one class share its forward
+        real = cls.forward
 
         def counted(self, *a, real=real, **k):
             calls[0] += 1
             return real(self, *a, **k)
 
-        type(fd).forward = counted
-    by_cat = {(c, cat): {"tok": 0, "s": 0.0, "nfe": 0} for c in [AR] + configs for cat in suites}
+        cls.forward = counted
+    by_cat = {(c, cat): {"tok": 0, "s": 0.0, "nfe": 0, "acc": []} for c in [AR] + configs for cat in suites}
     eos = tok.eos_id
     n_prompts = 0
     t_start = time.time()
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     st["s"] += dt
                     st["tok"] += len(g.tokens)
                     st["nfe"] += g.nfe
+                by_cat[c, cat]["acc"] += g.stats["acceptance"]
                 st = stats[c]
                 st["calls"] += calls[0]
                 st["acc"] += g.stats["acceptance"]
@@ -148,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         cyc = f"{st['calls'] / len(st['acc']):.2f}" if st["acc"] and kind == "feature" else "-"
         print(f"{name:<40} {st['tok'] / st['nfe']:>7.2f} {acc:>6} {cyc:>6} {tps:>7.1f} {tps / ar_tps:>5.2f}x "
               f"{st['same'] if kind != 'ar' else '-':>6}/{n_prompts}   " + "  ".join(per))
+    print("share of cycles accepting >= 1 draft, and >= 2 given >= 1, per category:")
+    for c in configs:
+        per = []
+        for cat in cats:
+            acc = by_cat[c, cat]["acc"] if cat in suites else []
+            if acc:
+                one, two = sum(a >= 2 for a in acc), sum(a >= 3 for a in acc)
+                per.append(f"{cat} {one / len(acc):.2f} / {two / max(one, 1):.2f}")
+        print(f"  {c[0]} k={c[1]} tree{c[2]}" + (f" p{c[7]:g}" if c[7] else "") + ": " + "  ".join(per))
     return 0
 
 
