@@ -125,6 +125,12 @@ def test_demo_and_generate_use_the_stored_block_lengths(cache, monkeypatch, caps
     assert main(["generate", "--model", "smollm2", "--mode", "quadratic", "--chat", "--prompt", "Hi!",
                  "--max-new-tokens", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["block_len"] == spec_bl["quadratic"]
+    dec = models.smollm2_spec()["decoding"]
+    assert main(["generate", "--model", "smollm2", "--mode", "linear", "--chat", "--prompt", "Hi!",
+                 "--max-new-tokens", "6", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["block_len"] == spec_bl["linear"] and got["tree_nodes"] == dec.get("tree_nodes", {}).get("linear", 0)
+    assert got["tree_min_prob"] == dec.get("tree_min_prob", {}).get("linear", 0.0)
 
 
 def test_choose_block_lens_and_best_block_len(tmp_path):

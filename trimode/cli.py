@@ -268,6 +268,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .models import stored_tree_nodes
 
         tree_nodes = stored_tree_nodes(model, args.mode, block_len)
+    tree_min_prob = args.tree_min_prob
+    if tree_min_prob is None:
+        from .models import stored_tree_min_prob
+
+        tree_min_prob = stored_tree_min_prob(model, args.mode, block_len)
     policy = None
     if args.policy == "learned":  # the trained unmasking sampler (trimode train-sampler)
         from .decode.learned import LearnedPolicy, load_sampler
@@ -281,7 +286,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes,
-                              tree_min_prob=args.tree_min_prob, drafter=args.drafter,
+                              tree_min_prob=tree_min_prob, drafter=args.drafter,
                               max_thinking_tokens=args.max_thinking_tokens,
                               think_ids=tok.think_ids() if args.max_thinking_tokens is not None else None,
                               images=[images] if images else None)
@@ -297,6 +302,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"text": out, "tokens": g.tokens, "finish_reason": g.finish_reason, "seconds": dt,
                           "tokens_per_s": len(g.tokens) / dt, "block_len": block_len, "tree_nodes": tree_nodes,
+                          "tree_min_prob": tree_min_prob,
                           **{k: st[k] for k in ("mode", "nfe", "nfe_decode", "tpf", "tpf_decode", "forwards",
                                                 "mean_acceptance", "temperature", "seed", "acceptance_rule")}}))
         return 0
