@@ -376,3 +376,126 @@ def test_cli_train_then_generate_with_the_feature_drafter(tmp_path, capsys):
     assert "needs a model with a feature drafter" in capsys.readouterr().err
     assert main(base + ["--feature-drafter", str(tmp_path)]) == 2
     assert "holds no feature drafter" in capsys.readouterr().err
+
+
+# -- multi-layer features (EAGLE-3) -------------------------------------------------------------------
+def _tapped_copy(fd: FeatureDrafter, taps=(0,)) -> FeatureDrafter:
+    out = FeatureDrafter(fd.base_config, fd.ids, taps).to(fd.dtype)
+    missing, unexpected = out.load_state_dict(fd.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("fuse.", "tap_norms.")) for k in missing)
+    return out.eval()
+
+
+def test_model_features_return_the_tapped_layers():
+    m = tiny_model(dtype=torch.float64)
+    x = torch.tensor([PROMPT])
+    h, _, kept = m.features(x, taps=(0, 1))
+    assert torch.equal(m.features(x)[0], h)
+    assert torch.allclose(m.norm(kept[1]), h, atol=1e-12)  # the last layer's output, normed, is the feature
+    assert kept[0].shape == h.shape and not torch.allclose(kept[0], kept[1])
+    at = torch.tensor([[1, 3]])
+    h2, _, kept2 = m.features(x, at=at, taps=(0,))
+    assert torch.allclose(kept2[0], kept[0][:, [1, 3]]) and torch.allclose(h2, h[:, [1, 3]])
+    for bad in ((2,), (1, 0), (0, 0), (-1,)):
+        with pytest.raises(ValueError, match="taps"):
+            m.features(x, taps=bad)
+
+
+def test_tapped_drafter_starts_as_its_single_layer_source(model):
+    """A multi-layer drafter made from a trained one fuses the final feature alone at first: the same
+    drafts, so the same tokens and the same number of forwards."""
+    m2 = tiny_model(dlm_type="dream", eos=7, dtype=torch.float32)
+    m2.set_feature_drafter(_tapped_copy(model.feature_drafter))
+    for K, nodes in ((4, 0), (5, 8)):
+        want = generate(model, PROMPTS, mode="linear", block_len=K, max_new_tokens=32, tree_nodes=nodes)
+        got = generate(m2, PROMPTS, mode="linear", block_len=K, max_new_tokens=32, tree_nodes=nodes)
+        assert [g.tokens for g in got] == [g.tokens for g in want]
+        assert [g.nfe for g in got] == [g.nfe for g in want]
+
+
+def test_tapped_drafter_trains_and_stays_lossless(model, tmp_path):
+    """Training moves the fusion off the identity (the lower layer is used); greedy still equals AR
+    and sampling replays by seed; save / load keeps the taps."""
+    fd = _tapped_copy(model.feature_drafter).train()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 90, (5,), generator=g).tolist() for _ in range(12)] + PROMPTS
+    outs = generate(model, prompts, mode="ar", max_new_tokens=24)
+    seqs = [p + o.tokens for p, o in zip(prompts, outs)]
+    L = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in seqs])
+    feats, tapped = compute_features(model, tokens, lengths, batch=8, log=lambda s: None, taps=(0,))
+    assert tapped.shape == (len(seqs), L, 1, 64)
+    with pytest.raises(ValueError, match="taps base layers"):
+        pair_loss(fd, model, feats, tokens, lengths, noise=0.0, reg_weight=1.0, ce_weight=0.5)
+    opt = torch.optim.AdamW(fd.parameters(), lr=3e-3)
+    w0 = fd.fuse.weight.detach().clone()
+    for _ in range(20):
+        loss, _ = pair_loss(fd, model, feats.float(), tokens, lengths, noise=0.05, reg_weight=1.0, ce_weight=0.5,
+                            unroll=2, tapped=tapped.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fd.fuse.weight[:, :64].abs().max() > 0 and not torch.equal(fd.fuse.weight, w0)
+    fd.eval().save(tmp_path / "fd")
+    assert json.loads((tmp_path / "fd" / CONFIG_FILE).read_text())["taps"] == [0]
+    back = load_feature_drafter(tmp_path / "fd", model.config, dtype=torch.float32)
+    assert back.taps == (0,) and torch.equal(back.fuse.weight, fd.fuse.weight.float())
+    m2 = tiny_model(dlm_type="dream", eos=7, dtype=torch.float32)
+    m2.set_feature_drafter(back)
+    ref = generate(model, PROMPTS, mode="ar", max_new_tokens=32)
+    for K, nodes in ((4, 0), (6, 10)):
+        got = generate(m2, PROMPTS, mode="linear", block_len=K, max_new_tokens=32, tree_nodes=nodes)
+        assert [x.tokens for x in got] == [x.tokens for x in ref]
+    kw = {"max_new_tokens": 20, "block_len": 4, "temperature": 1.0, "acceptance": "match"}
+    assert generate(m2, PROMPTS, mode="linear", seed=5, **kw)[0].tokens == \
+        generate(m2, PROMPTS[:1], mode="linear", seed=5, **kw)[0].tokens
+    info = json.loads((tmp_path / "fd" / CONFIG_FILE).read_text())
+    for bad, msg in (([1], "taps must be"), ("0", "'taps' must be")):
+        (tmp_path / "fd" / CONFIG_FILE).write_text(json.dumps({**info, "taps": bad}))
+        with pytest.raises(ValueError, match=msg):
+            load_feature_drafter(tmp_path / "fd", model.config)
+    (tmp_path / "fd" / CONFIG_FILE).write_text(json.dumps({**info, "taps": []}))
+    with pytest.raises(ValueError, match="unexpected"):  # the weights hold a fusion the config does not
+        load_feature_drafter(tmp_path / "fd", model.config)
+
+
+def test_cli_trains_a_tapped_drafter_from_a_single_layer_one(tmp_path, capsys):
+    from trimode.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    N, L = 6, 24
+    toks = torch.randint(10, 200, (N, L), generator=g)
+    valid = torch.zeros(N, L, dtype=torch.bool)
+    valid[:, 8:] = True
+    torch.save({"tokens": toks, "valid": valid, "lengths": torch.full((N,), L), "prompt_lengths": torch.full((N,), 8)},
+               tmp_path / "cache.pt")
+    common = ["train-feature-drafter", "--model", "bundled", "--data-cache", str(tmp_path / "cache.pt"),
+              "--batch", "4", "--eval-every", "2", "--save-every", "2", "--heldout", "0.2"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--steps", "2", "--vocab", "64", "--vocab-from-data"]) == 0
+    tc = tmp_path / "taps.pt"
+    b = common + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--taps", "1",
+                  "--taps-cache", str(tc)]
+    assert main(b + ["--steps", "2"]) == 0
+    assert torch.load(tc)["taps"] == [1]
+    assert json.loads((tmp_path / "b" / CONFIG_FILE).read_text())["taps"] == [1]
+    capsys.readouterr()
+    assert main(b + ["--steps", "4"]) == 0  # resumes, reads the taps cache
+    err = capsys.readouterr().out
+    assert "resuming" in err and "from " + str(tc) in err
+    assert main(common + ["--out", str(tmp_path / "b"), "--taps", "2", "--steps", "5"]) == 2
+    assert "not --taps [2]" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "c"), "--taps", "99", "--steps", "1"]) == 2
+    assert "taps must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--out", str(tmp_path / "c"), "--taps", "x", "--steps", "1"])
+    assert "comma-separated layer indices" in capsys.readouterr().err
+    fd = tmp_path / "b"
+    base = ["generate", "--model", "bundled", "--mode", "linear", "--prompt", "def f(x):", "--max-new-tokens", "12",
+            "--json", "--block-len", "4"]
+    assert main(base[:4] + ["ar"] + base[5:]) == 0
+    ar = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(base + ["--feature-drafter", str(fd), "--drafter", "feature", "--tree-nodes", "6"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == ar["tokens"]

@@ -47,11 +47,22 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "nu
 class FeatureDrafter(nn.Module):
     """fc(concat(feature, token embedding)) -> one decoder block -> RMSNorm: the predicted feature."""
 
-    def __init__(self, base: ModelConfig, ids: torch.Tensor) -> None:
+    def __init__(self, base: ModelConfig, ids: torch.Tensor, taps: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.base_config = base
         self.config = dataclasses.replace(base, num_layers=1)
         h = base.hidden_size
+        taps = tuple(int(i) for i in taps)
+        if any(not 0 <= i < base.num_layers - 1 for i in taps) or list(taps) != sorted(set(taps)):
+            raise ValueError(f"a feature drafter's taps must be ascending distinct base layers in "
+                             f"[0, {base.num_layers - 1}) (the last layer is the feature itself), got {list(taps)}")
+        self.taps = taps
+        if taps:  # EAGLE-3's multi-layer features: normed lower-layer states fused with the final feature
+            self.tap_norms = nn.ModuleList(RMSNorm(h, base.rms_norm_eps) for _ in taps)
+            self.fuse = nn.Linear((len(taps) + 1) * h, h, bias=False)
+            with torch.no_grad():  # starts as the final feature alone (a single-layer drafter's input)
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, len(taps) * h:] = torch.eye(h)
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.block = Block(self.config)
         self.norm = RMSNorm(h, base.rms_norm_eps)
@@ -74,6 +85,17 @@ class FeatureDrafter(nn.Module):
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, dtype=self.dtype, device=self.fc.weight.device)
+
+    def fuse_features(self, feats: torch.Tensor, tapped: list[torch.Tensor] | None) -> torch.Tensor:
+        """The drafter's input feature of verified positions: the final-normed feature itself, or, with
+        taps, fuse(concat(norm(tap_1), ..., norm(tap_n), feature)) of the base's layer outputs `tapped`
+        at the same positions (the drafter's own predicted features are fed as they are)."""
+        if not self.taps:
+            return feats
+        if tapped is None or len(tapped) != len(self.taps):
+            raise ValueError(f"this feature drafter reads base layers {list(self.taps)}: pass their outputs")
+        parts = [n(t.to(self.dtype)) for n, t in zip(self.tap_norms, tapped)] + [feats.to(self.dtype)]
+        return self.fuse(torch.cat(parts, dim=-1))
 
     def forward(self, feats: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, *,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -132,7 +154,8 @@ class FeatureDrafter(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         save_tensors({k: v.detach().contiguous() for k, v in self.state_dict().items()}, d / WEIGHTS_FILE)
         info = {"format": FORMAT, "base": {k: getattr(self.base_config, k) for k in SHAPE_KEYS},
-                "dtype": str(self.dtype).replace("torch.", ""), **self.meta, **meta, "ids": self.ids.tolist()}
+                "dtype": str(self.dtype).replace("torch.", ""), **self.meta, **meta, "taps": list(self.taps),
+                "ids": self.ids.tolist()}
         write_json(d / CONFIG_FILE, info)
         return d
 
@@ -159,7 +182,10 @@ def load_feature_drafter(directory: str | Path, base: ModelConfig, *, dtype: tor
     ids = info.get("ids")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"{d / CONFIG_FILE}: 'ids' must be a list of token ids")
-    fd = FeatureDrafter(base, torch.tensor(ids, dtype=torch.long))
+    taps = info.get("taps", [])
+    if not isinstance(taps, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in taps):
+        raise ValueError(f"{d / CONFIG_FILE}: 'taps' must be a list of base layer indices")
+    fd = FeatureDrafter(base, torch.tensor(ids, dtype=torch.long), tuple(taps))
     names = fd.state_dict()
     header = read_header(d / WEIGHTS_FILE)
     missing = sorted(set(names) - set(header))
@@ -170,7 +196,7 @@ def load_feature_drafter(directory: str | Path, base: ModelConfig, *, dtype: tor
     if bad:
         raise ValueError(f"{d / WEIGHTS_FILE}: wrong shapes for {bad[:4]}")
     fd.load_state_dict(dict(load_tensors(d / WEIGHTS_FILE, list(names))))
-    fd.meta = {k: v for k, v in info.items() if k not in ("format", "base", "ids", "dtype")}
+    fd.meta = {k: v for k, v in info.items() if k not in ("format", "base", "ids", "dtype", "taps")}
     return fd.to(device=device, dtype=dtype or base_dtype(info))
 
 

@@ -366,14 +366,19 @@ class Transformer(nn.Module):
 
     def _trunk(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                cache: KVCache | None, S: int, adapter: str | None, gate: torch.Tensor | None,
-               embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedding, rotary tables and the blocks (the part `compile_decode` compiles)."""
+               embeds: torch.Tensor | None = None, taps: tuple[int, ...] = ()
+               ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embedding, rotary tables and the blocks (the part `compile_decode` compiles); with `taps`,
+        also the outputs of those layers (the residual stream after layer i, not normed)."""
         dt = self.dtype
         x = self.embed_tokens(tokens) if embeds is None else embeds.to(dt)  # (B, T, hidden)
         ctx = forward_context(self.config, self.inv_freq, self.rope_attention_factor, positions, mask, cache, S, dt)
+        kept = []
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, adapter=adapter, gate=gate)
-        return x
+            if i in taps:
+                kept.append(x)
+        return (x, kept) if taps else x
 
     def fuse_projections(self) -> Transformer:
         """Inference: q / k / v and gate / up each run as one matmul (see FusedProjections: unadapted
@@ -479,10 +484,12 @@ class Transformer(nn.Module):
         adapter_tokens: torch.Tensor | None = None,
         at: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        taps: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """The forward without the output head: final-normed hidden states (B, T, hidden), or
         (B, n, hidden) at the indices `at`, and the adapter gate of those tokens (or None), for
-        `head`. A decoder that needs logits for only some of the returned rows (quadratic: one
+        `head`; with `taps` (layer indices, ascending) a third item, the outputs of those layers at
+        the same rows (a multi-layer feature drafter reads them). A decoder that needs logits for only some of the returned rows (quadratic: one
         sub-block of drafts, chosen by the verification in the same forward) applies `head` to those."""
         c = self.config
         if tokens.dim() != 2:
@@ -528,14 +535,22 @@ class Transformer(nn.Module):
                 raise ValueError(f"inputs_embeds must be (B, T, hidden) = {(B, T, c.hidden_size)}, "
                                  f"got {tuple(inputs_embeds.shape)}")
             inputs_embeds = inputs_embeds.to(dev)
+        taps = tuple(int(i) for i in taps)
+        if any(not 0 <= i < c.num_layers for i in taps) or list(taps) != sorted(set(taps)):
+            raise ValueError(f"taps must be ascending distinct layer indices in [0, {c.num_layers}), got {taps}")
         x = (self._compiled if compiled else self._trunk)(tokens, positions, mask, cache, S, adapter, gate,
-                                                          inputs_embeds)
+                                                          inputs_embeds, taps)
+        kept = None
+        if taps:
+            x, kept = x
         if at is not None:
             idx = at.to(dev)
             x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, n, hidden)
+            if kept is not None:
+                kept = [torch.gather(t, 1, idx[..., None].expand(-1, -1, t.shape[-1])) for t in kept]
             if gate is not None:
                 gate = torch.gather(gate, 1, idx[..., None])
-        return self.norm(x), gate
+        return (self.norm(x), gate) if kept is None else (self.norm(x), gate, kept)
 
 
 def _compile_options() -> None:

@@ -92,7 +92,7 @@ class FeatureDraftDecoder(Decoder):
             tokens[b, : len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long, device=dev)
         positions = torch.arange(T, device=dev).expand(len(rows), T)
         extra = {} if (embeds := image_embeds(self.model, rows, tokens)) is None else {"inputs_embeds": embeds}
-        h, _ = self.model(tokens, positions, mask=masks.causal(T, device=dev), cache=cache, hidden=True, **extra)
+        h, f = self._verifier(tokens, positions, masks.causal(T, device=dev), cache, **extra)
         cache.commit(lengths)
         last = h.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, h.shape[-1]))
         logits = exclude_mask(self.model.head(last), c.mask_token_id)[:, 0]
@@ -106,8 +106,18 @@ class FeatureDraftDecoder(Decoder):
         pend_t[torch.arange(len(rows), device=dev), lengths - 1] = first
         dc = self.fd.new_cache(len(rows), cache.capacity)
         self.dcache = dc if not self.running else KVCache.cat([self.dcache, dc])
-        state = FeatState(first, h.to(self.fd.dtype), pend_t, lengths.clone())
+        state = FeatState(first, f.to(self.fd.dtype), pend_t, lengths.clone())
         return [self.finish(PREFILL, first[:, None], rows=rows)], state
+
+    def _verifier(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+                  **extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """The verifier's forward: its final-normed states h (for the head) and the drafter's input
+        features of the same slots (h itself, or h fused with the layers a multi-layer drafter taps)."""
+        if not self.fd.taps:
+            h, _ = self.model(tokens, positions, mask=mask, cache=cache, hidden=True, **extra)
+            return h, h
+        h, _, tapped = self.model.features(tokens, positions, mask=mask, cache=cache, taps=self.fd.taps, **extra)
+        return h, self.fd.fuse_features(h, tapped)
 
     # -- drafting -----------------------------------------------------------------------------
     def _feed(self) -> torch.Tensor:
@@ -176,8 +186,8 @@ class FeatureDraftDecoder(Decoder):
             drafts = self.override(drafts)
         K = D + 1
         canvas = torch.cat([s.newest[:, None], drafts], dim=1)
-        h, _ = self.model(canvas, self.positions(torch.arange(K, device=dev)), cache=self.cache,
-                          mask=self.prefix_mask(masks.causal(K, device=dev)), hidden=True)
+        h, f = self._verifier(canvas, self.positions(torch.arange(K, device=dev)),
+                              self.prefix_mask(masks.causal(K, device=dev)), self.cache)
         logits = exclude_mask(self.model.head(h), self.c.mask_token_id, inplace=True)
         res = sampler.verify(drafts, logits, sampler.uniforms(self.starts(), K), q)
         n = res.accepted + 1
@@ -185,7 +195,7 @@ class FeatureDraftDecoder(Decoder):
         step = self.finish(VERIFY, tokens, n, accepted=n)
         n = self.only_active(n)
         self.cache.commit(n)
-        self._carry(h, tokens, n)
+        self._carry(f, tokens, n)
         return [step]
 
     def _tree_cycle(self, feat: torch.Tensor, D: int) -> list[Step]:
@@ -194,8 +204,8 @@ class FeatureDraftDecoder(Decoder):
         t = self._draft_tree(feat, D, cfg.tree_nodes, max(1, cfg.tree_branch))
         tokens = torch.cat([s.newest[:, None], t.tokens], dim=1)
         offsets = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), t.depth], dim=1)
-        h, _ = self.model(tokens, self.positions(offsets), cache=self.cache,
-                          mask=self.prefix_mask(tr.ancestor_mask(t.parent)), hidden=True)
+        h, f = self._verifier(tokens, self.positions(offsets), self.prefix_mask(tr.ancestor_mask(t.parent)),
+                              self.cache)
         pred = top1(exclude_mask(self.model.head(h), self.c.mask_token_id, inplace=True))
         paths, accepted = tr.walk(t, pred, D)
         width = max(len(p) for p in paths)
@@ -205,7 +215,7 @@ class FeatureDraftDecoder(Decoder):
         step = self.finish(VERIFY, out, n, accepted=n)
         n = self.only_active(n)
         self.cache.compact(keep, n)
-        self._carry(h.gather(1, keep[..., None].expand(-1, -1, h.shape[-1])), out, n)
+        self._carry(f.gather(1, keep[..., None].expand(-1, -1, f.shape[-1])), out, n)
         return [step]
 
     def _draft_tree(self, feat: torch.Tensor, D: int, n_nodes: int, b: int) -> tr.Tree:

@@ -32,20 +32,30 @@ from .._io import check_writable_dir, load_state
 STATE = "trainer_state.pt"
 
 
-def compute_features(model, tokens: torch.Tensor, lengths: torch.Tensor, *, batch: int, log=print) -> torch.Tensor:
-    """The verifier's final-normed hidden states (N, L, hidden) of right-padded sequences, bf16."""
+def compute_features(model, tokens: torch.Tensor, lengths: torch.Tensor, *, batch: int, log=print,
+                     taps: tuple[int, ...] = (), final: bool = True
+                     ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
+    """The verifier's final-normed hidden states (N, L, hidden) of right-padded sequences, bf16; with
+    `taps`, also the outputs of those layers (N, L, len(taps), hidden) as a second item (and the
+    first None when final=False: only the taps are wanted)."""
     N, L = tokens.shape
-    out = torch.zeros(N, L, model.config.hidden_size, dtype=torch.bfloat16)
+    h_size = model.config.hidden_size
+    out = torch.zeros(N, L, h_size, dtype=torch.bfloat16) if final else None
+    tapped = torch.zeros(N, L, len(taps), h_size, dtype=torch.bfloat16) if taps else None
     t0 = time.perf_counter()
+    order = torch.argsort(lengths.long(), stable=True)  # similar lengths batched together: less padding
     with torch.no_grad():
         for i in range(0, N, batch):
-            x = tokens[i: i + batch]
-            T = int(lengths[i: i + batch].max())
-            h, _ = model.features(x[:, :T].to(model.device))
-            out[i: i + batch, :T] = h.to(torch.bfloat16).cpu()
+            rows = order[i: i + batch]
+            T = int(lengths[rows].max())
+            r = model.features(tokens[rows, :T].to(model.device), taps=taps)
+            if out is not None:
+                out[rows, :T] = r[0].to(torch.bfloat16).cpu()
+            if tapped is not None:
+                tapped[rows, :T] = torch.stack(r[2], dim=2).to(torch.bfloat16).cpu()
             if (i // batch) % 10 == 0:
                 log(f"  features {min(i + batch, N)}/{N} ({time.perf_counter() - t0:.0f}s)")
-    return out
+    return out if not taps else (out, tapped)
 
 
 def drafter_vocab(model_dir: Path, tok, seqs: dict, size: int, vocab_size: int, *, eos_id, mask_id,
@@ -93,19 +103,25 @@ def unroll_mask(T: int, step: int) -> torch.Tensor:
 
 
 def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *, noise: float,
-              reg_weight: float, ce_weight: float, gen: torch.Generator | None = None, unroll: int = 1
-              ) -> tuple[torch.Tensor, dict]:
+              reg_weight: float, ce_weight: float, gen: torch.Generator | None = None, unroll: int = 1,
+              tapped: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Loss of one batch of sequences (feats (B, L, h) bf16, tokens (B, L), lengths (B,)).
 
     unroll > 1 trains the drafter on its own predictions too (as EAGLE-3's training-time test): step
     s feeds the feature step s - 1 predicted for each pair back in, attending to the true entries up
     to s pairs back and to its own chain (`unroll_mask`); every step is scored against the same
-    targets, steps weighted equally."""
+    targets, steps weighted equally. A multi-layer drafter (fd.taps) gets the base's tapped layer
+    outputs `tapped` (B, L, n, h) as well and reads the fused feature of each true pair (noise is
+    added after fusing); its targets stay the final features."""
     B, L = tokens.shape
     T = int(lengths.max()) - 1  # pairs j = 0 .. len - 2 (the target feature f_{j+1} must exist)
     f_in, f_out = feats[:, :T].float(), feats[:, 1: T + 1].float()
+    if fd.taps:
+        if tapped is None or tapped.shape[2] != len(fd.taps):
+            raise ValueError(f"the drafter taps base layers {list(fd.taps)}: their outputs are needed")
+        f_in = fd.fuse_features(f_in, list(tapped[:, :T].float().unbind(2))).float()
     if noise > 0:
-        rms = f_in.pow(2).mean().sqrt()
+        rms = f_in.detach().pow(2).mean().sqrt()
         u = torch.rand(f_in.shape, generator=gen) * 2 - 1
         f_in = f_in + u * noise * rms
     emb = base.embed_tokens(tokens[:, 1: T + 1]).detach()
@@ -143,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                         "scripts/make_reference_cache.py (one or more; merged)")
     p.add_argument("--features-cache", default=None, nargs="+",
                    help="where the verifier's features of each --data-cache are cached (.pt, one per cache)")
+    p.add_argument("--taps", default=None,
+                   help="comma-separated base layers whose outputs the drafter fuses with the final feature "
+                        "(EAGLE-3's multi-layer features, e.g. 3,15; default: the --init drafter's, else none)")
+    p.add_argument("--taps-cache", default=None, nargs="+",
+                   help="where the tapped layers' outputs of each --data-cache are cached (.pt, one per cache)")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
     p.add_argument("--vocab-from-data", action="store_true",
@@ -173,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--vocab must be >= 1")
     if not 0 <= args.heldout < 1:
         p.error("--heldout must lie in [0, 1)")
+    if args.taps is not None:
+        try:
+            args.taps = tuple(int(x) for x in args.taps.split(",") if x.strip())
+        except ValueError:
+            p.error(f"--taps must be comma-separated layer indices, got {args.taps!r}")
     try:
         return train(args)
     except (ValueError, OSError) as e:
@@ -201,52 +227,93 @@ def train(args) -> int:
     tok = load_tokenizer(mdir)
     if args.features_cache is not None and len(args.features_cache) != len(args.data_cache):
         raise ValueError("--features-cache needs one file per --data-cache")
-    parts = []
-    for i, dc in enumerate(args.data_cache):
+    if args.taps_cache is not None and len(args.taps_cache) != len(args.data_cache):
+        raise ValueError("--taps-cache needs one file per --data-cache")
+    state_path = out / STATE
+    state = None
+    if state_path.exists() and not args.no_resume:
+        state = load_state(state_path, "the trainer state")
+    start = load_feature_drafter(args.init, c, dtype=torch.float32) if state is None and args.init else None
+    if state is not None:
+        taps = tuple(state.get("taps", ()))
+        if args.taps is not None and tuple(args.taps) != taps:
+            raise ValueError(f"{state_path} trains a drafter with taps {list(taps)}, not --taps {list(args.taps)}")
+    elif start is not None and start.taps:
+        taps = start.taps
+        if args.taps is not None and tuple(args.taps) != taps:
+            raise ValueError(f"the --init drafter taps layers {list(taps)}, not --taps {list(args.taps)}")
+    else:
+        taps = tuple(args.taps or ())
+    FeatureDrafter(c, torch.arange(1), taps)  # bad taps fail here, before any feature is computed
+    seq_parts = []
+    for dc in args.data_cache:
         seq = load_state(Path(dc), "the self-distillation cache")
-        tk, ln = seq["tokens"].long(), seq["lengths"].long()
+        seq_parts.append((seq, seq["tokens"].long(), seq["lengths"].long()))
+    Lmax = max(tk.shape[1] for _, tk, _ in seq_parts)
+    N = sum(tk.shape[0] for _, tk, _ in seq_parts)
+    feats = torch.zeros(N, Lmax, c.hidden_size, dtype=torch.bfloat16)  # filled part by part (no 2x peak)
+    tapped = torch.zeros(N, Lmax, len(taps), c.hidden_size, dtype=torch.bfloat16) if taps else None
+    row = 0
+    for i, (seq, tk, ln) in enumerate(seq_parts):
+        dc, n, L = args.data_cache[i], tk.shape[0], tk.shape[1]
         fc_path = Path(args.features_cache[i]) if args.features_cache else None
         if fc_path is not None and fc_path.exists():
             ft = torch.load(fc_path)
             if tuple(ft.shape[:2]) != tuple(tk.shape):
                 raise ValueError(f"{fc_path} holds features of shape {tuple(ft.shape)}, not of the sequences in {dc}")
-            log(f"features of {tk.shape[0]} sequences from {fc_path}")
+            log(f"features of {n} sequences from {fc_path}")
         else:
-            log(f"computing the verifier's features of {tk.shape[0]} sequences of {dc}")
+            log(f"computing the verifier's features of {n} sequences of {dc}")
             ft = compute_features(base, tk, ln, batch=args.feature_batch, log=log)
             if fc_path is not None:
                 fc_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(ft, fc_path)
-        parts.append((seq, tk, ln, ft))
-    Lmax = max(tk.shape[1] for _, tk, _, _ in parts)
-    tokens = torch.cat([F.pad(tk, (0, Lmax - tk.shape[1])) for _, tk, _, _ in parts])
-    lengths = torch.cat([ln for _, _, ln, _ in parts])
-    feats = torch.cat([F.pad(ft, (0, 0, 0, Lmax - ft.shape[1])) for _, _, _, ft in parts])
+        feats[row: row + n, :L] = ft
+        del ft
+        if taps:
+            tc_path = Path(args.taps_cache[i]) if args.taps_cache else None
+            tt = torch.load(tc_path) if tc_path is not None and tc_path.exists() else None
+            if tt is not None:
+                if not isinstance(tt, dict) or tuple(tt.get("taps", ())) != taps or \
+                        tuple(tt["states"].shape[:3]) != (n, L, len(taps)):
+                    raise ValueError(f"{tc_path} does not hold layers {list(taps)} of the sequences in {dc}")
+                log(f"tapped layers {list(taps)} of {n} sequences from {tc_path}")
+                tt = tt["states"]
+            else:
+                log(f"computing the verifier's layers {list(taps)} of {n} sequences of {dc}")
+                _, tt = compute_features(base, tk, ln, batch=args.feature_batch, log=log, taps=taps, final=False)
+                if tc_path is not None:
+                    tc_path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"taps": list(taps), "states": tt}, tc_path)
+            tapped[row: row + n, :L] = tt
+            del tt
+        row += n
+    tokens = torch.cat([F.pad(tk, (0, Lmax - tk.shape[1])) for _, tk, _ in seq_parts])
+    lengths = torch.cat([ln for _, _, ln in seq_parts])
     seqs = {"tokens": tokens, "valid": torch.cat([F.pad(q["valid"].bool(), (0, Lmax - q["valid"].shape[1]))
-                                                 for q, _, _, _ in parts])}
-    N = tokens.shape[0]
+                                                 for q, _, _ in seq_parts])}
+    del seq_parts
     order = list(range(N))
     random.Random(args.seed).shuffle(order)
     n_held = int(round(N * args.heldout))
     held, train_idx = order[:n_held], order[n_held:]
-    state_path = out / STATE
-    state = None
-    if state_path.exists() and not args.no_resume:
-        state = load_state(state_path, "the trainer state")
+    if state is not None:
         ids = state["ids"]
         log(f"resuming from {state_path} at step {state['step']}")
-    elif args.init:
-        start = load_feature_drafter(args.init, c, dtype=torch.float32)
+    elif start is not None:
         ids = start.ids
-        log(f"starting from the feature drafter in {args.init}")
+        log(f"starting from the feature drafter in {args.init}" +
+            (f" (taps {list(taps)} added, fused as the final feature alone)" if taps and not start.taps else ""))
     else:
         ids = drafter_vocab(mdir, tok, seqs, args.vocab, c.vocab_size, eos_id=c.eos_token_id,
                             mask_id=c.mask_token_id, corpus=not args.vocab_from_data, log=log)
-    fd = FeatureDrafter(c, ids)
+    fd = FeatureDrafter(c, ids, taps)
     if state is not None:
         fd.load_state_dict(state["model"])
-    elif args.init:
-        fd.load_state_dict(start.state_dict())
+    elif start is not None:
+        missing, unexpected = fd.load_state_dict(start.state_dict(), strict=False)
+        if unexpected or any(not k.startswith(("fuse.", "tap_norms.")) for k in missing):
+            raise ValueError(f"the --init drafter does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
     else:
         init_from_base(fd, base, layer=args.init_layer, seed=args.seed)
     fd.float()
@@ -276,7 +343,8 @@ def train(args) -> int:
             for i in range(0, len(held), args.batch):
                 b = held[i: i + args.batch]
                 _, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=0.0, reg_weight=args.reg_weight,
-                                 ce_weight=args.ce_weight, unroll=max(2, args.unroll))
+                                 ce_weight=args.ce_weight, unroll=max(2, args.unroll),
+                                 tapped=None if tapped is None else tapped[b])
                 for k, v in m.items():
                     tot[k] = tot.get(k, 0.0) + v * len(b)
         fd.train()
@@ -286,6 +354,7 @@ def train(args) -> int:
         return {"data_cache": str(args.data_cache), "sequences": len(train_idx), "heldout_sequences": len(held),
                 "steps": step, "batch": args.batch, "lr": args.lr, "noise": args.noise,
                 "reg_weight": args.reg_weight, "ce_weight": args.ce_weight, "unroll": args.unroll, "init": args.init,
+                "taps": list(taps),
                 "heldout_eval": final,
                 "command": "trimode train-feature-drafter " + " ".join(
                     sys.argv[2:] if sys.argv[1:2] == ["train-feature-drafter"] else sys.argv[1:])}
@@ -293,9 +362,9 @@ def train(args) -> int:
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": fd.state_dict(), "opt": opt.state_dict(), "step": step, "ids": fd.ids,
-                    "args": vars(args)}, tmp)
+                    "taps": list(taps), "args": vars(args)}, tmp)
         tmp.replace(state_path)
-        snap = FeatureDrafter(c, fd.ids)  # the drafter so far, usable while training goes on
+        snap = FeatureDrafter(c, fd.ids, taps)  # the drafter so far, usable while training goes on
         snap.load_state_dict(fd.state_dict())
         snap.to(torch.bfloat16).save(out, training=training_info(None))
 
@@ -307,7 +376,8 @@ def train(args) -> int:
             g["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=args.noise,
-                                reg_weight=args.reg_weight, ce_weight=args.ce_weight, gen=gen, unroll=args.unroll)
+                                reg_weight=args.reg_weight, ce_weight=args.ce_weight, gen=gen, unroll=args.unroll,
+                                tapped=None if tapped is None else tapped[b])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
