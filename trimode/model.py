@@ -489,8 +489,9 @@ class Transformer(nn.Module):
         """The forward without the output head: final-normed hidden states (B, T, hidden), or
         (B, n, hidden) at the indices `at`, and the adapter gate of those tokens (or None), for
         `head`; with `taps` (layer indices, ascending) a third item, the outputs of those layers at
-        the same rows (a multi-layer feature drafter reads them). A decoder that needs logits for only some of the returned rows (quadratic: one
-        sub-block of drafts, chosen by the verification in the same forward) applies `head` to those."""
+        the same rows (a multi-layer feature drafter reads them). A decoder that needs logits for
+        only some of the returned rows (quadratic: one sub-block of drafts, chosen by the
+        verification in the same forward) applies `head` to those."""
         c = self.config
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")

@@ -254,7 +254,7 @@ def train(args) -> int:
     feats = torch.zeros(N, Lmax, c.hidden_size, dtype=torch.bfloat16)  # filled part by part (no 2x peak)
     tapped = torch.zeros(N, Lmax, len(taps), c.hidden_size, dtype=torch.bfloat16) if taps else None
     row = 0
-    for i, (seq, tk, ln) in enumerate(seq_parts):
+    for i, (_, tk, ln) in enumerate(seq_parts):
         dc, n, L = args.data_cache[i], tk.shape[0], tk.shape[1]
         fc_path = Path(args.features_cache[i]) if args.features_cache else None
         if fc_path is not None and fc_path.exists():
