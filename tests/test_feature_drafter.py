@@ -499,3 +499,17 @@ def test_cli_trains_a_tapped_drafter_from_a_single_layer_one(tmp_path, capsys):
     ar = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(base + ["--feature-drafter", str(fd), "--drafter", "feature", "--tree-nodes", "6"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == ar["tokens"]
+
+
+def test_ragged_store_gives_back_the_padded_sequences():
+    from trimode.train.feature_drafter import Ragged
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 5, 1, 4])
+    padded = torch.randn(4, 6, 2, generator=g)
+    padded[torch.arange(6)[None, :] >= lengths[:, None]] = 0
+    r = Ragged(padded[torch.arange(6)[None, :] < lengths[:, None]], lengths)
+    assert torch.equal(r[[1, 3]], padded[[1, 3], :5])
+    assert torch.equal(r[[2]], padded[[2], :1]) and torch.equal(r[[0, 2]], padded[[0, 2], :3])
+    with pytest.raises(ValueError, match="rows for sequences"):
+        Ragged(torch.zeros(5, 2), lengths)

@@ -73,6 +73,26 @@ def drafter_vocab(model_dir: Path, tok, seqs: dict, size: int, vocab_size: int, 
     return draftvocab.from_counts(score, size, keep=keep, drop=drop)
 
 
+class Ragged:
+    """Per-sequence rows (sum of lengths, ...) without padding; `[idx]` gives the sequences idx padded
+    with zeros to their longest (len(idx), max length, ...)."""
+
+    def __init__(self, flat: torch.Tensor, lengths: torch.Tensor) -> None:
+        if flat.shape[0] != int(lengths.sum()):
+            raise ValueError(f"{flat.shape[0]} rows for sequences of {int(lengths.sum())} positions in all")
+        self.flat, self.lengths = flat, lengths.long()
+        self.starts = torch.cumsum(self.lengths, 0) - self.lengths
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        L = int(self.lengths[idx].max())
+        out = self.flat.new_zeros((len(idx), L) + tuple(self.flat.shape[1:]))
+        for k, i in enumerate(idx.tolist()):
+            a, n = int(self.starts[i]), int(self.lengths[i])
+            out[k, :n] = self.flat[a: a + n]
+        return out
+
+
 class _Unrolled:
     """A cache-like key/value store for unrolled training steps: step s's queries see the keys of steps
     0 .. s (concatenated, nothing written in place, so gradients flow through every step)."""
@@ -251,8 +271,8 @@ def train(args) -> int:
         seq_parts.append((seq, seq["tokens"].long(), seq["lengths"].long()))
     Lmax = max(tk.shape[1] for _, tk, _ in seq_parts)
     N = sum(tk.shape[0] for _, tk, _ in seq_parts)
-    feats = torch.zeros(N, Lmax, c.hidden_size, dtype=torch.bfloat16)  # filled part by part (no 2x peak)
-    tapped = torch.zeros(N, Lmax, len(taps), c.hidden_size, dtype=torch.bfloat16) if taps else None
+    feats_l: list[torch.Tensor] = []  # each part's valid positions only (a ragged store, no padding)
+    tapped_l: list[torch.Tensor] = []
     row = 0
     for i, (_, tk, ln) in enumerate(seq_parts):
         dc, n, L = args.data_cache[i], tk.shape[0], tk.shape[1]
@@ -268,7 +288,8 @@ def train(args) -> int:
             if fc_path is not None:
                 fc_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(ft, fc_path)
-        feats[row: row + n, :L] = ft
+        valid_pos = torch.arange(L)[None, :] < ln[:, None]
+        feats_l.append(ft[valid_pos])
         del ft
         if taps:
             tc_path = Path(args.taps_cache[i]) if args.taps_cache else None
@@ -285,7 +306,7 @@ def train(args) -> int:
                 if tc_path is not None:
                     tc_path.parent.mkdir(parents=True, exist_ok=True)
                     torch.save({"taps": list(taps), "states": tt}, tc_path)
-            tapped[row: row + n, :L] = tt
+            tapped_l.append(tt[valid_pos])
             del tt
         row += n
     tokens = torch.cat([F.pad(tk, (0, Lmax - tk.shape[1])) for _, tk, _ in seq_parts])
@@ -293,6 +314,9 @@ def train(args) -> int:
     seqs = {"tokens": tokens, "valid": torch.cat([F.pad(q["valid"].bool(), (0, Lmax - q["valid"].shape[1]))
                                                  for q, _, _ in seq_parts])}
     del seq_parts
+    feats = Ragged(torch.cat(feats_l), lengths)
+    tapped = Ragged(torch.cat(tapped_l), lengths) if taps else None
+    del feats_l, tapped_l
     order = list(range(N))
     random.Random(args.seed).shuffle(order)
     n_held = int(round(N * args.heldout))
