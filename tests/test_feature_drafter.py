@@ -29,23 +29,27 @@ from trimode.train.feature_drafter import _Unrolled, compute_features, pair_loss
 PROMPT = [5, 17, 33, 2]
 
 
+def _continuations(model, prompts: list[list[int]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts + their AR continuations of n tokens, right-padded (N, L), and their lengths."""
+    outs = generate(model, prompts, mode="ar", max_new_tokens=n)
+    seqs = [p + o.tokens for p, o in zip(prompts, outs)]
+    tokens = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    return tokens, torch.tensor([len(s) for s in seqs])
+
+
 def _train(model, steps: int = 250) -> FeatureDrafter:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 90, (int(n),), generator=g).tolist() for n in torch.randint(2, 8, (40,), generator=g)]
     prompts += PROMPTS * 2 + [PROMPT] * 2  # the prompts decoded below: the drafter has seen their continuations
-    outs = generate(model, prompts, mode="ar", max_new_tokens=40)
-    seqs = [p + o.tokens for p, o in zip(prompts, outs)]
-    L = max(len(s) for s in seqs)
-    tokens = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s)
-    lengths = torch.tensor([len(s) for s in seqs])
+    tokens, lengths = _continuations(model, prompts, 40)
     feats = compute_features(model, tokens, lengths, batch=16, log=lambda s: None).to(model.dtype)
     fd = init_from_base(FeatureDrafter(model.config, torch.arange(95)), model).to(model.dtype)
     opt = torch.optim.AdamW(fd.parameters(), lr=3e-3)
     rng = random.Random(0)
     for _ in range(steps):
-        b = rng.sample(range(len(seqs)), 16)
+        b = rng.sample(range(len(lengths)), 16)
         loss, _ = pair_loss(fd, model, feats[b], tokens[b], lengths[b], noise=0.05, reg_weight=1.0, ce_weight=0.5)
         opt.zero_grad()
         loss.backward()
@@ -419,15 +423,10 @@ def test_tapped_drafter_trains_and_stays_lossless(model, tmp_path):
     fd = _tapped_copy(model.feature_drafter).train()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 90, (5,), generator=g).tolist() for _ in range(12)] + PROMPTS
-    outs = generate(model, prompts, mode="ar", max_new_tokens=24)
-    seqs = [p + o.tokens for p, o in zip(prompts, outs)]
-    L = max(len(s) for s in seqs)
-    tokens = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s)
-    lengths = torch.tensor([len(s) for s in seqs])
+    tokens, lengths = _continuations(model, prompts, 24)
+    L = tokens.shape[1]
     feats, tapped = compute_features(model, tokens, lengths, batch=8, log=lambda s: None, taps=(0,))
-    assert tapped.shape == (len(seqs), L, 1, 64)
+    assert tapped.shape == (len(lengths), L, 1, 64)
     with pytest.raises(ValueError, match="taps base layers"):
         pair_loss(fd, model, feats, tokens, lengths, noise=0.0, reg_weight=1.0, ce_weight=0.5)
     opt = torch.optim.AdamW(fd.parameters(), lr=3e-3)
