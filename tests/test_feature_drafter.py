@@ -350,18 +350,23 @@ def test_prompt_lookup_path_in_the_tree():
     assert runs[True] < runs[False], runs
 
 
-def test_cli_train_then_generate_with_the_feature_drafter(tmp_path, capsys):
-    """trimode train-feature-drafter on the bundled model (a few steps on a tiny cache), then generate
-    with it: output equals AR's; bad flags are clear errors."""
-    from trimode.cli import main
-
+def _tiny_cache(path) -> None:
+    """A self-distillation cache of 6 random sequences of 24 tokens (8 prompt + 16 continuation)."""
     g = torch.Generator().manual_seed(0)
     N, L = 6, 24
     toks = torch.randint(10, 200, (N, L), generator=g)
     valid = torch.zeros(N, L, dtype=torch.bool)
     valid[:, 8:] = True
     torch.save({"tokens": toks, "valid": valid, "lengths": torch.full((N,), L), "prompt_lengths": torch.full((N,), 8)},
-               tmp_path / "cache.pt")
+               path)
+
+
+def test_cli_train_then_generate_with_the_feature_drafter(tmp_path, capsys):
+    """trimode train-feature-drafter on the bundled model (a few steps on a tiny cache), then generate
+    with it: output equals AR's; bad flags are clear errors."""
+    from trimode.cli import main
+
+    _tiny_cache(tmp_path / "cache.pt")
     out = tmp_path / "fd"
     assert main(["train-feature-drafter", "--model", "bundled", "--data-cache", str(tmp_path / "cache.pt"),
                  "--out", str(out), "--steps", "3", "--batch", "4", "--vocab", "64", "--vocab-from-data",
@@ -464,13 +469,7 @@ def test_tapped_drafter_trains_and_stays_lossless(model, tmp_path):
 def test_cli_trains_a_tapped_drafter_from_a_single_layer_one(tmp_path, capsys):
     from trimode.cli import main
 
-    g = torch.Generator().manual_seed(0)
-    N, L = 6, 24
-    toks = torch.randint(10, 200, (N, L), generator=g)
-    valid = torch.zeros(N, L, dtype=torch.bool)
-    valid[:, 8:] = True
-    torch.save({"tokens": toks, "valid": valid, "lengths": torch.full((N,), L), "prompt_lengths": torch.full((N,), 8)},
-               tmp_path / "cache.pt")
+    _tiny_cache(tmp_path / "cache.pt")
     common = ["train-feature-drafter", "--model", "bundled", "--data-cache", str(tmp_path / "cache.pt"),
               "--batch", "4", "--eval-every", "2", "--save-every", "2", "--heldout", "0.2"]
     assert main(common + ["--out", str(tmp_path / "a"), "--steps", "2", "--vocab", "64", "--vocab-from-data"]) == 0
