@@ -33,7 +33,8 @@ def _specs(s: str) -> list[tuple[int, int, bool, bool, int, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("drafters", nargs="*", help="feature drafter directories ('shipped': the model's own)")
+    p.add_argument("drafters", nargs="*", help="feature drafter directories ('shipped': the model's own; "
+                   "a '+int8' suffix: that drafter on int8 packed kernels)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--prompts", type=int, default=2, help="per category")
     p.add_argument("--offset", type=int, default=0,
@@ -64,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     model = for_inference(load_model(path, dtype=getattr(torch, args.dtype)))
     drafters = {}
     for d in args.drafters:
-        drafters[d] = (model.feature_drafter if d == "shipped"
-                       else load_feature_drafter(d, model.config, dtype=model.dtype))
+        src, int8 = (d[: -len("+int8")], True) if d.endswith("+int8") else (d, False)
+        drafters[d] = (model.feature_drafter if src == "shipped"
+                       else load_feature_drafter(src, model.config, dtype=model.dtype))
         if drafters[d] is None:
             raise SystemExit(f"{d}: the model ships no feature drafter")
+        if int8:  # the same drafter on int8 packed kernels (FeatureDrafter.pack_int8), a copy
+            import copy
+
+            drafters[d] = copy.deepcopy(drafters[d]).pack_int8()
     cats = args.categories.split(",")
     suites = build_suites(tok, categories=[c for c in cats if c != "chat-train"], n=args.offset + args.prompts,
                           chat=True, model_dir=path)

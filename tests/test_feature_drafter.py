@@ -511,3 +511,113 @@ def test_ragged_store_gives_back_the_padded_sequences():
     assert torch.equal(r[[2]], padded[[2], :1]) and torch.equal(r[[0, 2]], padded[[0, 2], :3])
     with pytest.raises(ValueError, match="rows for sequences"):
         Ragged(torch.zeros(5, 2), lengths)
+
+
+# -- deeper drafters (more than one decoder layer) -----------------------------------------------------
+def _grown_copy(fd: FeatureDrafter, layers: int = 2) -> FeatureDrafter:
+    from trimode.feature_drafter import init_extra_blocks
+
+    base = tiny_model(dlm_type="dream", eos=7, dtype=torch.float32)
+    out = FeatureDrafter(fd.base_config, fd.ids, fd.taps, layers).to(fd.dtype)
+    missing, unexpected = out.load_state_dict(fd.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("more.") for k in missing)
+    return init_extra_blocks(out, base, first=fd.layers).eval()
+
+
+def test_grown_drafter_starts_as_its_source_then_trains_and_stays_lossless(model, tmp_path):
+    """A 2-layer drafter grown from a trained 1-layer one drafts exactly as it at first (same tokens,
+    same forwards); after training its second layer it still equals AR greedy, the unrolled training
+    store keeps the layers apart (cached drafting == the training forward), and save / load keeps
+    its depth."""
+    fd2 = _grown_copy(model.feature_drafter)
+    assert fd2.layers == 2 and len(fd2.new_cache(1, 8).k) == 2
+    m2 = tiny_model(dlm_type="dream", eos=7, dtype=torch.float32)
+    m2.set_feature_drafter(fd2)
+    for K, nodes in ((4, 0), (5, 8)):
+        want = generate(model, PROMPTS, mode="linear", block_len=K, max_new_tokens=32, tree_nodes=nodes)
+        got = generate(m2, PROMPTS, mode="linear", block_len=K, max_new_tokens=32, tree_nodes=nodes)
+        assert [g.tokens for g in got] == [g.tokens for g in want] and [g.nfe for g in got] == [g.nfe for g in want]
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 90, (5,), generator=g).tolist() for _ in range(12)] + PROMPTS
+    tokens, lengths = _continuations(model, prompts, 24)
+    feats = compute_features(model, tokens, lengths, batch=8, log=lambda s: None).float()
+    fd2 = _grown_copy(model.feature_drafter).train()  # a fresh copy (decoding fused the first one's projections)
+    opt = torch.optim.AdamW(fd2.parameters(), lr=3e-3)
+    for _ in range(20):
+        loss, _ = pair_loss(fd2, model, feats, tokens, lengths, noise=0.05, reg_weight=1.0, ce_weight=0.5, unroll=3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fd2.eval()
+    assert fd2.more[0].mlp.down_proj.weight.abs().max() > 0  # the new layer now adds to the residual
+    # the unrolled store: step 1 of the training forward == drafting one step after a cached prefix
+    T = 6
+    f, e, pos = feats[:1, :T], model.embed_tokens(tokens[:1, 1:T + 1]), torch.arange(1, T + 1)[None]
+    with torch.no_grad():
+        store = _Unrolled()
+        p0 = fd2(f, e, pos, mask=unroll_mask(T, 0)[None], cache=store)
+        cur = torch.cat([f[:, :1], p0[:, :-1]], dim=1)
+        p1 = fd2(cur, e, pos, mask=unroll_mask(T, 1)[None], cache=store)
+        j = 4  # step 1 at pair j: true pairs <= j - 1, then (f^_{j-1}, x_{j+1})
+        pre = fd2(f[:, :j], e[:, :j], pos[:, :j])
+        one = fd2(torch.cat([f[:, :j], p0[:, j - 1:j]], dim=1), torch.cat([e[:, :j], e[:, j:j + 1]], dim=1),
+                  torch.cat([pos[:, :j], pos[:, j:j + 1]], dim=1))
+    assert torch.allclose(pre, p0[:, :j], atol=1e-5) and torch.allclose(one[:, -1], p1[:, j], atol=1e-5)
+    ref = generate(model, PROMPTS, mode="ar", max_new_tokens=32)
+    m2.set_feature_drafter(fd2)
+    for K, nodes in ((4, 0), (6, 10)):
+        got = generate(m2, PROMPTS, mode="linear", block_len=K, max_new_tokens=32, tree_nodes=nodes)
+        assert [x.tokens for x in got] == [x.tokens for x in ref]
+    fd2.save(tmp_path / "fd")
+    info = json.loads((tmp_path / "fd" / CONFIG_FILE).read_text())
+    assert info["layers"] == 2
+    back = load_feature_drafter(tmp_path / "fd", model.config, dtype=torch.float32)
+    assert back.layers == 2 and torch.equal(back.more[0].mlp.down_proj.weight, fd2.more[0].mlp.down_proj.weight)
+    for bad, msg in ((0, "1 to 2 layers"), (3, "1 to 2 layers"), ("2", "'layers' must be"), (True, "'layers' must")):
+        (tmp_path / "fd" / CONFIG_FILE).write_text(json.dumps({**info, "layers": bad}))
+        with pytest.raises(ValueError, match=msg):
+            load_feature_drafter(tmp_path / "fd", model.config)
+    (tmp_path / "fd" / CONFIG_FILE).write_text(json.dumps({**info, "layers": 1}))
+    with pytest.raises(ValueError, match="unexpected"):  # the weights hold a layer the config does not
+        load_feature_drafter(tmp_path / "fd", model.config)
+
+
+def test_cli_grows_a_drafter_by_a_layer(tmp_path, capsys):
+    from trimode.cli import main
+
+    _tiny_cache(tmp_path / "cache.pt")
+    common = ["train-feature-drafter", "--model", "bundled", "--data-cache", str(tmp_path / "cache.pt"),
+              "--batch", "4", "--eval-every", "2", "--save-every", "2", "--heldout", "0.2"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--steps", "2", "--vocab", "64", "--vocab-from-data"]) == 0
+    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["layers"] == 1
+    capsys.readouterr()
+    b = common + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--layers", "2", "--lr-new", "1e-2"]
+    assert main(b + ["--steps", "2"]) == 0
+    assert "grown to 2 layers" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / CONFIG_FILE).read_text())["layers"] == 2
+    from trimode.train.feature_drafter import STATE
+
+    st = torch.load(tmp_path / "b" / STATE, weights_only=False)
+    assert st["new_params"] and all(k.startswith("more.0.") for k in st["new_params"])
+    lrs = [g["lr"] / g["scale"] for g in st["opt"]["param_groups"]]  # one schedule, the new group 10x
+    assert [g["scale"] for g in st["opt"]["param_groups"]] == [1.0, pytest.approx(10.0)] and lrs[0] == pytest.approx(lrs[1])
+    assert main(b + ["--steps", "4"]) == 0 and "resuming" in capsys.readouterr().out
+    assert main(common + ["--out", str(tmp_path / "b"), "--layers", "3", "--steps", "5"]) == 2
+    assert "not --layers 3" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "c"), "--init", str(tmp_path / "b"), "--layers", "1",
+                          "--steps", "1"]) == 2
+    assert "cannot shrink" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "d"), "--layers", "99", "--steps", "1"]) == 2
+    assert "layers (the base's)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--out", str(tmp_path / "d"), "--layers", "0", "--steps", "1"])
+    assert "--layers must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--out", str(tmp_path / "d"), "--lr-new", "0", "--steps", "1"])
+    assert "--lr-new must be > 0" in capsys.readouterr().err
+    base = ["generate", "--model", "bundled", "--mode", "linear", "--prompt", "def f(x):", "--max-new-tokens", "12",
+            "--json", "--block-len", "4"]
+    assert main(base[:4] + ["ar"] + base[5:]) == 0
+    ar = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(base + ["--feature-drafter", str(tmp_path / "b"), "--drafter", "feature", "--tree-nodes", "6"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == ar["tokens"]

@@ -45,12 +45,16 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "nu
 
 
 class FeatureDrafter(nn.Module):
-    """fc(concat(feature, token embedding)) -> one decoder block -> RMSNorm: the predicted feature."""
+    """fc(concat(feature, token embedding)) -> one decoder block (or `layers` of them) -> RMSNorm: the
+    predicted feature."""
 
-    def __init__(self, base: ModelConfig, ids: torch.Tensor, taps: tuple[int, ...] = ()) -> None:
+    def __init__(self, base: ModelConfig, ids: torch.Tensor, taps: tuple[int, ...] = (), layers: int = 1) -> None:
         super().__init__()
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= base.num_layers:
+            raise ValueError(f"a feature drafter has 1 to {base.num_layers} layers (the base's), got {layers!r}")
         self.base_config = base
-        self.config = dataclasses.replace(base, num_layers=1)
+        self.layers = layers
+        self.config = dataclasses.replace(base, num_layers=layers)
         h = base.hidden_size
         taps = tuple(int(i) for i in taps)
         if any(not 0 <= i < base.num_layers - 1 for i in taps) or list(taps) != sorted(set(taps)):
@@ -65,6 +69,7 @@ class FeatureDrafter(nn.Module):
                 self.fuse.weight[:, len(taps) * h:] = torch.eye(h)
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.block = Block(self.config)
+        self.more = nn.ModuleList(Block(self.config) for _ in range(layers - 1))  # layers 1 .. layers - 1
         self.norm = RMSNorm(h, base.rms_norm_eps)
         inv_freq, factor = rope_inv_freq(base)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -78,10 +83,13 @@ class FeatureDrafter(nn.Module):
         self.meta: dict[str, Any] = {}
         self._rows: tuple | None = None  # (key, head rows of `ids`) gathered from the base head
         self._extra: tuple | None = None  # (extra ids, rows, ids + extra, their head rows): the last request's
+        self.int8 = False  # pack_int8(): the layer and the head rows on int8 packed kernels
+        self._fc_int8: nn.Module | None = None
+        self._head_int8: tuple | None = None  # (rows it was packed from, Int8Packed)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+        return self.norm.weight.dtype
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch_size, capacity, dtype=self.dtype, device=self.fc.weight.device)
@@ -103,7 +111,8 @@ class FeatureDrafter(nn.Module):
         (B, T). With a cache the entries are written to its scratch slots (never committed here) and
         `mask` is (B, T, S) over its slots; without one, `mask` (B, T, T) or None (causal)."""
         B, T, _ = feats.shape
-        x = self.fc(torch.cat([feats.to(self.dtype), embeds.to(self.dtype)], dim=-1))
+        fc = self.fc if self._fc_int8 is None else self._fc_int8
+        x = fc(torch.cat([feats.to(self.dtype), embeds.to(self.dtype)], dim=-1))
         S = cache.begin(T) if cache is not None else T
         if mask is not None:
             mask = mask.unsqueeze(1) if mask.dim() == 3 else mask
@@ -112,16 +121,49 @@ class FeatureDrafter(nn.Module):
 
             mask = with_prefix(causal(T, device=x.device), cache.length, S).unsqueeze(1)
         ctx = forward_context(self.config, self.inv_freq, self.attention_factor, positions, mask, cache, S, x.dtype)
-        return self.norm(self.block(x, ctx, 0, adapter=None, gate=None))
+        for i, blk in enumerate(self.blocks()):
+            x = blk(x, ctx, i, adapter=None, gate=None)
+        return self.norm(x)
+
+    def blocks(self) -> list[Block]:
+        return [self.block, *self.more]
 
     def fuse_projections(self) -> FeatureDrafter:
         """Inference: the layer's q / k / v and gate / up each run as one matmul (their weights become
         views of the fused matrices, as `Transformer.fuse_projections`); not for training. Returns self."""
-        a, m = self.block.self_attn, self.block.mlp
-        if a.qkv is None:
-            a.qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
-        if m.gate_up is None:
-            m.gate_up = _fuse([m.gate_proj, m.up_proj])
+        for blk in self.blocks():
+            a, m = blk.self_attn, blk.mlp
+            if a.qkv is None:
+                a.qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            if m.gate_up is None:
+                m.gate_up = _fuse([m.gate_proj, m.up_proj])
+        return self
+
+    def pack_int8(self) -> FeatureDrafter:
+        """Inference on CPU in bf16: fc, the layer's projections and the head rows of the drafter's
+        vocabulary run on `torch._weight_int8pack_mm` (trimode.quant.Int8Packed: int8 weights with a
+        scale per output row). A drafter step reads ~18 MB of weights from memory in bf16 (the base's
+        forwards between its steps evict them from the caches), half that in int8, at one to three rows,
+        where the packed kernel is faster than a bf16 GEMM. Drafts change by the rounding only, never a
+        token: the verifier decides what is emitted. The fusion of tapped layers (once per verify, on
+        many rows) stays in bf16. Not for training or saving. Returns self."""
+        from .quant import Int8Packed, PackedProjections
+
+        if self.int8:
+            return self
+        if self.dtype != torch.bfloat16 or self.fc.weight.device.type != "cpu":
+            raise ValueError(f"the int8 drafter runs PyTorch's packed CPU kernel in bf16; this drafter is "
+                             f"{str(self.dtype).replace('torch.', '')} on {self.fc.weight.device.type}")
+        self.fuse_projections()
+        with torch.no_grad():
+            self._fc_int8 = Int8Packed(self.fc.weight, self.fc.bias)
+            for blk in self.blocks():
+                a, m = blk.self_attn, blk.mlp
+                a.qkv = PackedProjections(a.qkv.weight)
+                m.gate_up = PackedProjections(m.gate_up.weight)
+                a.o_proj.set_quantized(Int8Packed(a.o_proj.weight))
+                m.down_proj.set_quantized(Int8Packed(m.down_proj.weight))
+        self.int8 = True
         return self
 
     def head_rows(self, base: nn.Module) -> torch.Tensor:
@@ -138,7 +180,14 @@ class FeatureDrafter(nn.Module):
         """Draft logits of predicted features h (..., hidden) over the drafter's vocabulary plus the ids
         in `extra` (a request's own tokens): (logits (..., n), their token ids (n,))."""
         ids, rows = self.ids.to(h.device), self.head_rows(base)
-        z = F.linear(h.to(rows.dtype), rows)
+        if self.int8:
+            if self._head_int8 is None or self._head_int8[0] is not rows:
+                from .quant import Int8Packed
+
+                self._head_int8 = (rows, Int8Packed(rows))
+            z = self._head_int8[1](h.to(rows.dtype))
+        else:
+            z = F.linear(h.to(rows.dtype), rows)
         if extra is None or not extra.numel():
             return z, ids
         if self._extra is None or self._extra[0] is not extra or self._extra[1] is not rows:
@@ -155,7 +204,7 @@ class FeatureDrafter(nn.Module):
         save_tensors({k: v.detach().contiguous() for k, v in self.state_dict().items()}, d / WEIGHTS_FILE)
         info = {"format": FORMAT, "base": {k: getattr(self.base_config, k) for k in SHAPE_KEYS},
                 "dtype": str(self.dtype).replace("torch.", ""), **self.meta, **meta, "taps": list(self.taps),
-                "ids": self.ids.tolist()}
+                "layers": self.layers, "ids": self.ids.tolist()}
         write_json(d / CONFIG_FILE, info)
         return d
 
@@ -185,7 +234,10 @@ def load_feature_drafter(directory: str | Path, base: ModelConfig, *, dtype: tor
     taps = info.get("taps", [])
     if not isinstance(taps, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in taps):
         raise ValueError(f"{d / CONFIG_FILE}: 'taps' must be a list of base layer indices")
-    fd = FeatureDrafter(base, torch.tensor(ids, dtype=torch.long), tuple(taps))
+    layers = info.get("layers", 1)
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        raise ValueError(f"{d / CONFIG_FILE}: 'layers' must be a whole number")
+    fd = FeatureDrafter(base, torch.tensor(ids, dtype=torch.long), tuple(taps), layers)
     names = fd.state_dict()
     header = read_header(d / WEIGHTS_FILE)
     missing = sorted(set(names) - set(header))
@@ -196,7 +248,7 @@ def load_feature_drafter(directory: str | Path, base: ModelConfig, *, dtype: tor
     if bad:
         raise ValueError(f"{d / WEIGHTS_FILE}: wrong shapes for {bad[:4]}")
     fd.load_state_dict(dict(load_tensors(d / WEIGHTS_FILE, list(names))))
-    fd.meta = {k: v for k, v in info.items() if k not in ("format", "base", "ids", "dtype", "taps")}
+    fd.meta = {k: v for k, v in info.items() if k not in ("format", "base", "ids", "dtype", "taps", "layers")}
     return fd.to(device=device, dtype=dtype or base_dtype(info))
 
 
@@ -218,4 +270,18 @@ def init_from_base(fd: FeatureDrafter, model: nn.Module, *, layer: int = -1, see
         fd.fc.weight.copy_(w)
         fd.fc.bias.zero_()
         fd.norm.weight.copy_(model.norm.weight.detach().float())
+    return init_extra_blocks(fd, model, layer=layer)
+
+
+def init_extra_blocks(fd: FeatureDrafter, model: nn.Module, *, first: int = 1, layer: int = -1) -> FeatureDrafter:
+    """Start the drafter's layers `first` .. fd.layers - 1 from the base model's layer `layer` with their
+    output projections (o_proj, down_proj) zeroed: each adds nothing to the residual stream at first,
+    so a deeper drafter begins as exactly the shallower one it grows from (`--layers` on a trained
+    `--init` drafter) and training only adds to it."""
+    src = {k: v for k, v in model.layers[layer].state_dict().items() if ".adapters." not in k}
+    with torch.no_grad():
+        for blk in fd.blocks()[first:]:
+            blk.load_state_dict(src, strict=False)
+            blk.self_attn.o_proj.weight.zero_()
+            blk.mlp.down_proj.weight.zero_()
     return fd

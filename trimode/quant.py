@@ -83,6 +83,43 @@ class Int8Weight(nn.Module):
                           for i in range(0, self.out_features, rows)], dim=-1)
 
 
+class Int8Packed(nn.Module):
+    """x W^T (+ bias) through PyTorch's packed `torch._weight_int8pack_mm`: W ~ q * scale[:, None], q int8
+    (N, K) with one symmetric scale per output row, bf16 activations and scales (its fast path). For
+    the feature drafter only (`FeatureDrafter.pack_int8`): the kernel is ~2.5x faster than a bf16 GEMM
+    at one to three rows, the drafter's widths, and slower from a few more on, the base model's verify
+    widths. The projections' `weight` stays readable (dequantized) for code that inspects it."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        w = w.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        self.register_buffer("q", torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).contiguous())
+        self.out_features, self.in_features = w.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), self.q, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+class PackedProjections:
+    """A fused projection group (`FusedProjections`) run as one `Int8Packed` matmul; called like it."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.packed = Int8Packed(weight)
+
+    def __call__(self, x: torch.Tensor, adapter: str | None, gate: torch.Tensor | None) -> torch.Tensor:
+        return self.packed(x)
+
+
 class Int4Weight(nn.Module):
     """Group-wise asymmetric int4: W[n, k] ~ (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k // group.
     Stored packed for the CPU kernel, scales and zeros as (K / group, N, 2) fp32."""

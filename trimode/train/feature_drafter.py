@@ -98,18 +98,18 @@ class _Unrolled:
     0 .. s (concatenated, nothing written in place, so gradients flow through every step)."""
 
     def __init__(self) -> None:
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.k: dict[int, list[torch.Tensor]] = {}  # per drafter layer, one entry per step so far
+        self.v: dict[int, list[torch.Tensor]] = {}
         self.T = 0
 
     def begin(self, T: int) -> int:
         self.T = T
-        return T * (len(self.k) + 1)
+        return T * (len(self.k.get(0, [])) + 1)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.append(k)
-        self.v.append(v)
-        return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
+        self.k.setdefault(layer, []).append(k)
+        self.v.setdefault(layer, []).append(v)
+        return torch.cat(self.k[layer], dim=2), torch.cat(self.v[layer], dim=2)
 
 
 def unroll_mask(T: int, step: int) -> torch.Tensor:
@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(EAGLE-3's multi-layer features, e.g. 3,15; default: the --init drafter's, else none)")
     p.add_argument("--taps-cache", default=None, nargs="+",
                    help="where the tapped layers' outputs of each --data-cache are cached (.pt, one per cache)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of the drafter (default: the --init drafter's, else 1); more than the "
+                        "--init drafter's grows it: the new layers start from a base layer with zeroed output "
+                        "projections, so training starts from exactly the --init drafter")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
     p.add_argument("--vocab-from-data", action="store_true",
@@ -191,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-new", type=float, default=None,
+                   help="learning rate of the parameters the --init drafter lacks (grown --layers, a --taps "
+                        "fusion), which start at zero or identity and move slowly at a fine-tuning rate "
+                        "(default: --lr)")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--noise", type=float, default=0.1, help="uniform feature noise, relative to their RMS")
     p.add_argument("--reg-weight", type=float, default=1.0)
@@ -210,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "vocab", "unroll", "eval_every", "save_every", "log_every", "feature_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr_new is not None and not args.lr_new > 0:
+        p.error("--lr-new must be > 0")
+    if args.layers is not None and args.layers < 1:
+        p.error("--layers must be >= 1")
     if args.vocab is not None and args.vocab < 1:
         p.error("--vocab must be >= 1")
     if not 0 <= args.heldout < 1:
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args) -> int:
     from ..checkpoint import load_model
-    from ..feature_drafter import FeatureDrafter, init_from_base, load_feature_drafter
+    from ..feature_drafter import FeatureDrafter, init_extra_blocks, init_from_base, load_feature_drafter
     from ..models import resolve_model
     from ..tokenizer import load_tokenizer
 
@@ -264,7 +276,17 @@ def train(args) -> int:
             raise ValueError(f"the --init drafter taps layers {list(taps)}, not --taps {list(args.taps)}")
     else:
         taps = tuple(args.taps or ())
-    FeatureDrafter(c, torch.arange(1), taps)  # bad taps fail here, before any feature is computed
+    if state is not None:
+        layers = int(state.get("layers", 1))
+        if args.layers is not None and args.layers != layers:
+            raise ValueError(f"{state_path} trains a {layers}-layer drafter, not --layers {args.layers}")
+    elif start is not None:
+        layers = args.layers if args.layers is not None else start.layers
+        if layers < start.layers:
+            raise ValueError(f"the --init drafter has {start.layers} layers; --layers {layers} cannot shrink it")
+    else:
+        layers = args.layers or 1
+    FeatureDrafter(c, torch.arange(1), taps, layers)  # bad taps / layers fail here, before any feature is computed
     seq_parts = []
     for dc in args.data_cache:
         seq = load_state(Path(dc), "the self-distillation cache")
@@ -327,25 +349,40 @@ def train(args) -> int:
     elif start is not None:
         ids = start.ids
         log(f"starting from the feature drafter in {args.init}" +
-            (f" (taps {list(taps)} added, fused as the final feature alone)" if taps and not start.taps else ""))
+            (f" (taps {list(taps)} added, fused as the final feature alone)" if taps and not start.taps else "") +
+            (f" (grown to {layers} layers, the new ones adding nothing yet)" if layers > start.layers else ""))
     else:
         ids = drafter_vocab(mdir, tok, seqs, args.vocab, c.vocab_size, eos_id=c.eos_token_id,
                             mask_id=c.mask_token_id, corpus=not args.vocab_from_data, log=log)
-    fd = FeatureDrafter(c, ids, taps)
+    fd = FeatureDrafter(c, ids, taps, layers)
     if state is not None:
         fd.load_state_dict(state["model"])
     elif start is not None:
         missing, unexpected = fd.load_state_dict(start.state_dict(), strict=False)
-        if unexpected or any(not k.startswith(("fuse.", "tap_norms.")) for k in missing):
+        grown = tuple(f"more.{i - 1}." for i in range(start.layers, layers))
+        if unexpected or any(not k.startswith(("fuse.", "tap_norms.") + grown) for k in missing):
             raise ValueError(f"the --init drafter does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        init_extra_blocks(fd, base, first=start.layers, layer=args.init_layer)
     else:
         init_from_base(fd, base, layer=args.init_layer, seed=args.seed)
     fd.float()
+    if state is not None:
+        new = set(state.get("new_params", []))
+    elif start is not None:
+        new = {k for k in dict(fd.named_parameters()) if k not in start.state_dict()}
+    else:
+        new = set()
     params = [q for q in fd.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = [{"params": [q for k, q in fd.named_parameters() if k not in new], "scale": 1.0}]
+    if new:
+        groups.append({"params": [q for k, q in fd.named_parameters() if k in new],
+                       "scale": (args.lr_new if args.lr_new is not None else args.lr) / args.lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step = 0
     if state is not None:
         opt.load_state_dict(state["opt"])
+        for g, want in zip(opt.param_groups, groups):
+            g["scale"] = want["scale"]  # this run's --lr-new
         step = int(state["step"])
     gen = torch.Generator().manual_seed(args.seed + step)
     rng = random.Random(args.seed * 7919 + step)
@@ -376,9 +413,9 @@ def train(args) -> int:
 
     def training_info(final: dict | None) -> dict:
         return {"data_cache": str(args.data_cache), "sequences": len(train_idx), "heldout_sequences": len(held),
-                "steps": step, "batch": args.batch, "lr": args.lr, "noise": args.noise,
+                "steps": step, "batch": args.batch, "lr": args.lr, "lr_new": args.lr_new, "noise": args.noise,
                 "reg_weight": args.reg_weight, "ce_weight": args.ce_weight, "unroll": args.unroll, "init": args.init,
-                "taps": list(taps),
+                "taps": list(taps), "layers": layers,
                 "heldout_eval": final,
                 "command": "trimode train-feature-drafter " + " ".join(
                     sys.argv[2:] if sys.argv[1:2] == ["train-feature-drafter"] else sys.argv[1:])}
@@ -386,9 +423,9 @@ def train(args) -> int:
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": fd.state_dict(), "opt": opt.state_dict(), "step": step, "ids": fd.ids,
-                    "taps": list(taps), "args": vars(args)}, tmp)
+                    "taps": list(taps), "layers": layers, "new_params": sorted(new), "args": vars(args)}, tmp)
         tmp.replace(state_path)
-        snap = FeatureDrafter(c, fd.ids, taps)  # the drafter so far, usable while training goes on
+        snap = FeatureDrafter(c, fd.ids, taps, layers)  # the drafter so far, usable while training goes on
         snap.load_state_dict(fd.state_dict())
         snap.to(torch.bfloat16).save(out, training=training_info(None))
 
@@ -397,7 +434,7 @@ def train(args) -> int:
     while step < args.steps:
         b = rng.sample(train_idx, min(args.batch, len(train_idx)))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["scale"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=args.noise,
                                 reg_weight=args.reg_weight, ce_weight=args.ce_weight, gen=gen, unroll=args.unroll,
