@@ -621,3 +621,41 @@ def test_cli_grows_a_drafter_by_a_layer(tmp_path, capsys):
     ar = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(base + ["--feature-drafter", str(tmp_path / "b"), "--drafter", "feature", "--tree-nodes", "6"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == ar["tokens"]
+
+
+def test_int8_packed_drafter(model):
+    """pack_int8: the packed matmul equals x times its dequantized weight (bf16 rounding); the packed
+    drafter's features stay close to the bf16 drafter's and decoding with it still equals AR greedy
+    of the same bf16 model where the bf16 drafter does (drafts change, emitted tokens do not); a
+    float32 drafter is refused with a clear error."""
+    import copy
+
+    from trimode.quant import Int8Packed
+
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(48, 64, generator=g), torch.randn(48, generator=g), torch.randn(3, 64, generator=g)
+    q = Int8Packed(w, b)
+    ref = x.bfloat16().float() @ q.dequantize().bfloat16().float().t() + b.bfloat16().float()
+    assert torch.allclose(q(x.bfloat16()).float(), ref, rtol=2e-2, atol=5e-2)
+    # per row: half an int8 step plus the bf16 rounding of the row's scale (at most 127 steps of it)
+    assert bool(((q.dequantize() - w).abs().amax(dim=1) <= w.abs().amax(dim=1) * (1 / 254 + 1 / 256)).all())
+    with pytest.raises(ValueError, match="packed CPU kernel in bf16"):
+        copy.deepcopy(model.feature_drafter).pack_int8()
+    m16 = tiny_model(dlm_type="dream", eos=7, dtype=torch.bfloat16)
+    fd16 = copy.deepcopy(model.feature_drafter).to(torch.bfloat16)
+    packed = copy.deepcopy(fd16).pack_int8()
+    assert packed.pack_int8() is packed and packed.int8
+    f = torch.randn(1, 5, 64, generator=g).bfloat16()
+    e = m16.embed_tokens(torch.tensor([PROMPT + [9]]))
+    pos = torch.arange(1, 6)[None]
+    a, p = fd16(f, e, pos).float(), packed(f, e, pos).float()
+    assert (a - p).abs().max() < 0.1 * a.abs().max()
+    za, _ = fd16.logits(m16, a.bfloat16())
+    zp, _ = packed.logits(m16, a.bfloat16())
+    assert (za.float() - zp.float()).abs().max() < 0.1 * za.float().abs().max()
+    ar = generate(m16, PROMPTS, mode="ar", max_new_tokens=24)
+    for d in (fd16, packed):
+        m16.set_feature_drafter(d)
+        got = generate(m16, PROMPTS, mode="linear", block_len=5, max_new_tokens=24, tree_nodes=8)
+        agree = sum(x.tokens == y.tokens for x, y in zip(got, ar))
+        assert agree >= len(PROMPTS) - 1, (d.int8, agree)  # bf16: at most a near-tie apart
