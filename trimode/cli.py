@@ -22,6 +22,8 @@ EXTERNAL = {
     "train-drafter": ("trimode.train.drafter", "train the LoRA drafter (draft passes only) by self-distillation"),
     "train-feature-drafter": ("trimode.train.feature_drafter",
                               "train the feature-level drafter (EAGLE-style) on the verifier's hidden states"),
+    "build-datastore": ("trimode.datastore", "index the model's own continuations: a datastore the feature "
+                                             "drafter's trees verify as one more draft path"),
     "train-sampler": ("trimode.train.sampler", "train the learned unmasking sampler for diffusion mode"),
 }
 
@@ -286,7 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               block_len=block_len, threshold=args.threshold, eos_id=tok.eos_id, policy=policy,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               seed=args.seed, acceptance=args.acceptance, tree_nodes=tree_nodes,
-                              tree_min_prob=tree_min_prob, drafter=args.drafter,
+                              tree_min_prob=tree_min_prob, drafter=args.drafter, datastore=not args.no_datastore,
                               max_thinking_tokens=args.max_thinking_tokens,
                               think_ids=tok.think_ids() if args.max_thinking_tokens is not None else None,
                               images=[images] if images else None)
@@ -359,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tree-min-prob", type=float, default=None,
                    help="linear, feature drafter trees: stop drafting deeper once no frontier path has this "
                         "probability (0: full depth; default: the model's decoding.json at its block length)")
+    g.add_argument("--no-datastore", action="store_true",
+                   help="linear, feature drafter trees: do not verify the drafter's datastore path (see "
+                        "trimode build-datastore)")
     g.add_argument("--policy", default="threshold", choices=["threshold", "learned"],
                    help="diffusion unmasking: confidence threshold, or the learned sampler scored against --threshold")
     g.add_argument("--sampler", default=None, help="learned sampler dir (default: MODEL/sampler)")

@@ -81,6 +81,7 @@ class FeatureDrafter(nn.Module):
             raise ValueError("a feature drafter's vocabulary has repeated ids")
         self.register_buffer("ids", ids, persistent=False)
         self.meta: dict[str, Any] = {}
+        self.datastore = None  # a trimode.datastore.NgramStore (datastore.npz beside the weights): one more draft path
         self._rows: tuple | None = None  # (key, head rows of `ids`) gathered from the base head
         self._extra: tuple | None = None  # (extra ids, rows, ids + extra, their head rows): the last request's
         self.int8 = False  # pack_int8(): the layer and the head rows on int8 packed kernels
@@ -249,6 +250,10 @@ def load_feature_drafter(directory: str | Path, base: ModelConfig, *, dtype: tor
         raise ValueError(f"{d / WEIGHTS_FILE}: wrong shapes for {bad[:4]}")
     fd.load_state_dict(dict(load_tensors(d / WEIGHTS_FILE, list(names))))
     fd.meta = {k: v for k, v in info.items() if k not in ("format", "base", "ids", "dtype", "taps", "layers")}
+    from .datastore import has_datastore, load_datastore
+
+    if has_datastore(d):  # the model's own earlier continuations, verified as one more path of each tree
+        fd.datastore = load_datastore(d, vocab_size=base.vocab_size)
     return fd.to(device=device, dtype=dtype or base_dtype(info))
 
 

@@ -124,6 +124,9 @@ def ensure_smollm2(*, cache: Path | None = None, log=None) -> Path:
     if fd.is_file():  # a cache from before the feature drafter converts again
         want["feature_drafter_sha256"] = _sha256(fd)
         want["feature_drafter_json_sha256"] = _sha256(fd.with_suffix(".json"))
+        ds = fd.parent / "datastore.npz"
+        if ds.is_file():  # a cache from before the datastore converts again
+            want["datastore_sha256"] = _sha256(ds)
     d = (cache or cache_root()) / spec["cache_name"]
     if _stamp_ok(d, want):
         return d
@@ -271,7 +274,7 @@ def choose_block_lens(runs: list[dict[str, Any]]) -> dict[str, Any]:
     faster speculative mode, and per category the block lengths that differ from the overall best."""
     modes = ("diffusion", "linear", "quadratic")
     usable = [r for r in runs if r["mode"] in modes and r.get("policy", "threshold") == "threshold"
-              and r.get("tokens_per_s")]
+              and r.get("tokens_per_s") and r.get("datastore", True)]  # no-ds runs: a comparison, not stored
     out: dict[str, Any] = {"block_len": {}, "tokens_per_s": {}, "by_category": {}}
     for m in modes:
         rs = [r for r in usable if r["mode"] == m]

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-crossover", action="store_true", help="write auto_crossover to MODEL/serving.json")
     p.add_argument("--tree-nodes", type=_ints, default=[],
                    help="linear: also run verify trees of these many draft nodes at every block length")
+    p.add_argument("--datastore", choices=["on", "off", "both"], default="on",
+                   help="feature-drafter trees: verify the drafter's datastore path (on, the default, when it has "
+                        "one), not (off), or run each such configuration both ways (both: labelled no-ds without)")
     p.add_argument("--tree-min-probs", type=_probs, default=[],
                    help="linear feature-drafter trees: also run each tree with these depth cuts (stop drafting "
                         "deeper once no frontier path is that likely), e.g. 0.05,0.1")
@@ -263,6 +266,15 @@ def make_configs(args: argparse.Namespace, model) -> list:
             configs += [Config("linear", k, tree_nodes=n, drafter="feature", tree_min_prob=pm)
                         for pm in args.tree_min_probs if pm and "feature" in drafters
                         for n in args.tree_nodes if k - 1 < n <= room]
+    ds = getattr(args, "datastore", "on")
+    if ds != "on" and getattr(getattr(model, "feature_drafter", None), "datastore", None) is not None:
+        import dataclasses
+
+        tagged = [c for c in configs if c.mode == "linear" and c.drafter == "feature" and c.tree_nodes]
+        if ds == "off":
+            configs = [dataclasses.replace(c, datastore=False) if c in tagged else c for c in configs]
+        else:
+            configs += [dataclasses.replace(c, datastore=False) for c in tagged]
     return configs
 
 

@@ -110,7 +110,7 @@ def summarize(res: RunResult, c: ModelConfig, *, bytes_per_weight: int, machine:
     """The whole run plus one entry per category."""
     k = res.config.block_len
     out = {"config": res.config.label, "mode": res.config.mode, "block_len": k, "tree_nodes": res.config.tree_nodes,
-           "tree_min_prob": res.config.tree_min_prob,
+           "tree_min_prob": res.config.tree_min_prob, "datastore": res.config.datastore,
            "drafter": res.config.drafter if res.config.mode == "linear" else None,
            "threshold": res.config.threshold, "policy": res.config.policy}
     out.update(summarize_rows(res.rows, res.calls, res.seconds, block_len=k, reference=reference))

@@ -36,6 +36,7 @@ class Config:
     tree_nodes: int = 0  # linear: a verify tree of this many draft nodes (0: a chain)
     drafter: str = "auto"  # linear: "adapter" (a draft pass of the model) or "feature" (its feature drafter)
     tree_min_prob: float = 0.0  # linear feature-drafter trees: stop drafting deeper below this path probability
+    datastore: bool = True  # linear feature-drafter trees: verify the drafter's datastore path too (when it has one)
 
     @property
     def label(self) -> str:
@@ -47,7 +48,8 @@ class Config:
             return f"diffusion k={self.block_len} t={self.threshold}"
         return (f"{self.mode} k={self.block_len}" + (f" tree{self.tree_nodes}" if self.tree_nodes else "")
                 + (" feature" if self.mode == "linear" and self.drafter == "feature" else "")
-                + (f" p{self.tree_min_prob:g}" if self.tree_nodes and self.tree_min_prob else ""))
+                + (f" p{self.tree_min_prob:g}" if self.tree_nodes and self.tree_min_prob else "")
+                + (" no-ds" if not self.datastore else ""))
 
     @property
     def speculative(self) -> bool:
@@ -125,7 +127,7 @@ def decode_batch(
     mode, cfg, rows = prepare(
         timed, [list(p.tokens) for p in prompts], mode=config.mode, max_new_tokens=max_new_tokens,
         block_len=config.block_len, threshold=config.threshold, eos_id=eos_id, tree_nodes=config.tree_nodes,
-        tree_min_prob=config.tree_min_prob,
+        tree_min_prob=config.tree_min_prob, datastore=config.datastore,
         drafter=config.drafter if config.mode == "linear" else "auto", **opts,
     )
     start = len(timed.calls)

@@ -95,6 +95,7 @@ def prepare(
     tree_min_prob: float | None = None,
     drafter: str = "auto",
     lookup: bool = True,
+    datastore: bool = True,
     max_thinking_tokens: int | Sequence[int | None] | None = None,
     think_ids: tuple[Sequence[int], Sequence[int]] | None = None,
     images: Sequence[object] | None = None,
@@ -120,7 +121,7 @@ def prepare(
         max_new_tokens=max_new_tokens, block_len=block_len, threshold=threshold, steps=steps,
         draft_adapter=draft_adapter, draft_override=draft_override, policy=policy, tree_nodes=tree_nodes,
         tree_branch=tree_branch, tree_min_prob=tree_min_prob, drafter=drafter,
-        lookup=lookup,
+        lookup=lookup, datastore=datastore,
     )
     _check_prompts(prompts)
     bad = [t for t in stop or () if not isinstance(t, int) or isinstance(t, bool)]
@@ -238,7 +239,8 @@ def generate(
     (linear mode: "adapter", "feature" (the model's feature drafter, trimode/feature_drafter.py) or
     "auto": the one stored with the model's measured defaults, else the feature drafter when the model
     has one), lookup (feature drafter, greedy trees: also verify the prompt-lookup continuation; default
-    True),
+    True), datastore (the same with the continuation the feature drafter's datastore retrieves, when it
+    has one, trimode/datastore.py; default True),
     draft_override (a hook replacing draft proposals), policy (diffusion unmasking policy object,
     e.g. `Oracle(reference)`; overrides threshold / steps). images (a vision-language model): one
     entry per prompt, None or a list of images (bytes, paths, data: URLs, PIL images), each placed at

@@ -55,6 +55,7 @@ class DecodeConfig:
     tree_min_prob: float = 0.0  # feature drafter trees: stop drafting deeper once no frontier path is this likely
     drafter: str = "auto"  # linear: "adapter" (a draft pass of the model), "feature" (its feature drafter), "auto"
     lookup: bool = True  # linear with the feature drafter, greedy trees: add the prompt-lookup continuation as a path
+    datastore: bool = True  # the same, with the feature drafter's datastore continuation (when it has one)
 
     def __post_init__(self) -> None:
         def is_int(x: object) -> bool:
@@ -75,6 +76,9 @@ class DecodeConfig:
         if not isinstance(self.tree_min_prob, (int, float)) or isinstance(self.tree_min_prob, bool) \
                 or not 0.0 <= self.tree_min_prob < 1.0:
             raise ValueError(f"tree_min_prob must lie in [0, 1), got {self.tree_min_prob!r}")
+        for name in ("lookup", "datastore"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
         if self.policy is not None and not callable(getattr(self.policy, "select", None)):

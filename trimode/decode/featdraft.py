@@ -70,8 +70,8 @@ class FeatureDraftDecoder(Decoder):
                              "(load one with --feature-drafter DIR, or train one: trimode train-feature-drafter)")
         self.dcache: KVCache | None = None
 
-    def scratch(self) -> int:  # a tree may carry a prompt-lookup path of up to block_len - 1 nodes more
-        return max(self.cfg.block_len, self.cfg.tree_nodes + self.cfg.block_len + 1)
+    def scratch(self) -> int:  # a tree may carry a prompt-lookup and a datastore path of block_len nodes each
+        return max(self.cfg.block_len, self.cfg.tree_nodes + 2 * self.cfg.block_len + 1)
 
     # -- the drafter's cache follows the batch ---------------------------------------------------
     def _drop_finished(self) -> None:
@@ -302,6 +302,8 @@ class FeatureDraftDecoder(Decoder):
                 dep.append(nodes[r][i][1])
             if self.cfg.lookup:
                 self._merge_lookup(r, D, tok, par, dep)
+            if self.cfg.datastore and self.fd.datastore is not None:
+                self._merge_datastore(r, D, tok, par, dep)
             T_tok.append(tok)
             T_par.append(par)
             T_dep.append(dep)
@@ -341,6 +343,20 @@ class FeatureDraftDecoder(Decoder):
                     break
             if cont:
                 break
+        self._merge_path(cont, tok, par, dep)
+
+    def _merge_datastore(self, r: int, D: int, tok: list, par: list, dep: list) -> None:
+        """Add the datastore's continuation of row r (trimode/datastore.py: what followed the longest
+        matching suffix of its context in the model's earlier continuations, chained) as one more path
+        from the root, sharing the nodes the tree already has; costs at most D verify slots."""
+        row = self.running[r]
+        ds = self.fd.datastore
+        self._merge_path(ds.continuation(row.prompt + row.tokens, D, min_share=ds.min_share), tok, par, dep)
+
+    @staticmethod
+    def _merge_path(cont: list[int], tok: list, par: list, dep: list) -> None:
+        """Walk `cont` down from the root of the tree (tok / par / dep, slot i + 1 = entry i), reusing a
+        child with the same token where there is one and appending a node where there is not."""
         cur = 0
         for t in cont:
             child = next((j + 1 for j in range(len(tok)) if par[j] == cur and tok[j] == t), None)

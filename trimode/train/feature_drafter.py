@@ -124,7 +124,7 @@ def unroll_mask(T: int, step: int) -> torch.Tensor:
 
 def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *, noise: float,
               reg_weight: float, ce_weight: float, gen: torch.Generator | None = None, unroll: int = 1,
-              tapped: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+              tapped: torch.Tensor | None = None, target_temp: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Loss of one batch of sequences (feats (B, L, h) bf16, tokens (B, L), lengths (B,)).
 
     unroll > 1 trains the drafter on its own predictions too (as EAGLE-3's training-time test): step
@@ -132,7 +132,9 @@ def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torc
     to s pairs back and to its own chain (`unroll_mask`); every step is scored against the same
     targets, steps weighted equally. A multi-layer drafter (fd.taps) gets the base's tapped layer
     outputs `tapped` (B, L, n, h) as well and reads the fused feature of each true pair (noise is
-    added after fusing); its targets stay the final features."""
+    added after fusing); its targets stay the final features. target_temp < 1 sharpens the soft
+    targets, softmax(logits / target_temp), toward the verifier's top choices (greedy acceptance
+    depends on its ranking, not on the tail); `top1` is always against the verifier's argmax."""
     B, L = tokens.shape
     T = int(lengths.max()) - 1  # pairs j = 0 .. len - 2 (the target feature f_{j+1} must exist)
     f_in, f_out = feats[:, :T].float(), feats[:, 1: T + 1].float()
@@ -148,7 +150,7 @@ def pair_loss(fd, base, feats: torch.Tensor, tokens: torch.Tensor, lengths: torc
     pos = torch.arange(1, T + 1)[None, :].expand(B, T)
     rows = fd.head_rows(base).float()
     with torch.no_grad():
-        target = F.softmax(F.linear(f_out, rows), dim=-1)
+        target = F.softmax(F.linear(f_out, rows) / target_temp, dim=-1)
     store = _Unrolled() if unroll > 1 else None
     total, out = 0.0, {}
     cur, pred = f_in, f_in
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.1, help="uniform feature noise, relative to their RMS")
     p.add_argument("--reg-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.1)
+    p.add_argument("--target-temp", type=float, default=1.0,
+                   help="temperature of the soft targets: below 1 sharpens the verifier's distribution toward "
+                        "its top choices, which is what greedy acceptance depends on (default 1: its distribution)")
     p.add_argument("--unroll", type=int, default=1,
                    help="train on the drafter's own predictions for this many chained steps (1: teacher features)")
     p.add_argument("--heldout", type=float, default=0.05, help="share of sequences held out for evaluation")
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--layers must be >= 1")
     if args.vocab is not None and args.vocab < 1:
         p.error("--vocab must be >= 1")
+    if not (math.isfinite(args.target_temp) and args.target_temp > 0):
+        p.error("--target-temp must be a finite number > 0")
     if not 0 <= args.heldout < 1:
         p.error("--heldout must lie in [0, 1)")
     if args.taps is not None:
@@ -405,7 +412,7 @@ def train(args) -> int:
                 b = held[i: i + args.batch]
                 _, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=0.0, reg_weight=args.reg_weight,
                                  ce_weight=args.ce_weight, unroll=max(2, args.unroll),
-                                 tapped=None if tapped is None else tapped[b])
+                                 tapped=None if tapped is None else tapped[b], target_temp=args.target_temp)
                 for k, v in m.items():
                     tot[k] = tot.get(k, 0.0) + v * len(b)
         fd.train()
@@ -414,7 +421,8 @@ def train(args) -> int:
     def training_info(final: dict | None) -> dict:
         return {"data_cache": str(args.data_cache), "sequences": len(train_idx), "heldout_sequences": len(held),
                 "steps": step, "batch": args.batch, "lr": args.lr, "lr_new": args.lr_new, "noise": args.noise,
-                "reg_weight": args.reg_weight, "ce_weight": args.ce_weight, "unroll": args.unroll, "init": args.init,
+                "reg_weight": args.reg_weight, "ce_weight": args.ce_weight, "target_temp": args.target_temp,
+                "unroll": args.unroll, "init": args.init,
                 "taps": list(taps), "layers": layers,
                 "heldout_eval": final,
                 "command": "trimode train-feature-drafter " + " ".join(
@@ -438,7 +446,7 @@ def train(args) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, m = pair_loss(fd, base, feats[b], tokens[b], lengths[b], noise=args.noise,
                                 reg_weight=args.reg_weight, ce_weight=args.ce_weight, gen=gen, unroll=args.unroll,
-                                tapped=None if tapped is None else tapped[b])
+                                tapped=None if tapped is None else tapped[b], target_temp=args.target_temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
