@@ -600,7 +600,8 @@ def test_cli_grows_a_drafter_by_a_layer(tmp_path, capsys):
     st = torch.load(tmp_path / "b" / STATE, weights_only=False)
     assert st["new_params"] and all(k.startswith("more.0.") for k in st["new_params"])
     lrs = [g["lr"] / g["scale"] for g in st["opt"]["param_groups"]]  # one schedule, the new group 10x
-    assert [g["scale"] for g in st["opt"]["param_groups"]] == [1.0, pytest.approx(10.0)] and lrs[0] == pytest.approx(lrs[1])
+    assert [g["scale"] for g in st["opt"]["param_groups"]] == [1.0, pytest.approx(10.0)]
+    assert lrs[0] == pytest.approx(lrs[1])
     assert main(b + ["--steps", "4"]) == 0 and "resuming" in capsys.readouterr().out
     assert main(common + ["--out", str(tmp_path / "b"), "--layers", "3", "--steps", "5"]) == 2
     assert "not --layers 3" in capsys.readouterr().err

@@ -12,9 +12,9 @@ has a next token in its sequence, sorted, with those next tokens alongside; a lo
 search per order. `continuation` chains lookups: the next token is the most frequent follower of the
 longest matching suffix (backing off to shorter ones), appended, and looked up again.
 
-On disk (`datastore.npz`, beside a feature drafter's weights): `tokens` (uint16 or int32, the sequences
-concatenated), `starts` (int64, where each begins), `orders`, `min_share`, `version`, `vocab_size`; the index is rebuilt at load (about a second per million
-tokens).
+On disk (`datastore.npz`, beside a feature drafter's weights): `tokens` (uint16 or int32, the
+sequences concatenated), `starts` (int64, where each begins), `orders`, `min_share`, `version`,
+`vocab_size`; the index is rebuilt at load (about a second per million tokens).
 """
 
 from __future__ import annotations
