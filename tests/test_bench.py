@@ -254,3 +254,31 @@ def test_tree_min_probs_add_cut_feature_trees_and_bad_values_are_clear() -> None
     for bad in ("0", "1.5", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             __import__("trimode.bench.cli", fromlist=["x"])._probs(bad)
+
+
+def test_datastore_both_adds_no_ds_twins_of_feature_trees_only() -> None:
+    from trimode.bench.cli import build_parser, make_configs
+    from trimode.models import choose_block_lens
+
+    class Drafter:
+        datastore = object()
+
+    class WithDatastore:
+        feature_drafter = Drafter()
+
+    p = build_parser()
+    argv = ["--modes", "ar,linear", "--block-lens", "5", "--tree-nodes", "8", "--drafters", "feature"]
+    on = [c.label for c in make_configs(p.parse_args(argv), WithDatastore())]
+    assert on == ["ar", "linear k=5 feature", "linear k=5 tree8 feature"]
+    both = make_configs(p.parse_args(argv + ["--datastore", "both"]), WithDatastore())
+    assert [c.label for c in both] == on + ["linear k=5 tree8 feature no-ds"] and not both[-1].datastore
+    off = make_configs(p.parse_args(argv + ["--datastore", "off"]), WithDatastore())
+    assert [c.label for c in off] == ["ar", "linear k=5 feature", "linear k=5 tree8 feature no-ds"]
+    plain = type("M", (), {"feature_drafter": type("F", (), {"datastore": None})()})()
+    assert [c.label for c in make_configs(p.parse_args(argv + ["--datastore", "both"]), plain)] == on
+    # a faster no-ds comparison run is not what --write-block-lens stores
+    runs = [{"mode": "linear", "block_len": 5, "tree_nodes": 8, "drafter": "feature", "tokens_per_s": 10.0,
+             "config": "a", "datastore": True},
+            {"mode": "linear", "block_len": 8, "tree_nodes": 8, "drafter": "feature", "tokens_per_s": 11.0,
+             "config": "b", "datastore": False}]
+    assert choose_block_lens(runs)["block_len"]["linear"] == 5

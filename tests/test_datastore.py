@@ -177,3 +177,30 @@ def test_cli_builds_a_datastore_that_loads_with_the_drafter(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["build-datastore", "--data-cache", str(cache), "--out", str(tmp_path / "fd"), "--orders", "a"])
     assert json.loads((tmp_path / "fd" / "feature_drafter.json").read_text())["format"]
+
+
+def test_generate_cli_with_and_without_the_datastore(tmp_path, capsys):
+    """trimode generate on the bundled model with a feature drafter whose directory holds a datastore of
+    the model's own continuation: --no-datastore or not, the tokens are AR's, and the datastore run needs
+    fewer forwards (its drafter is untrained, so the retrieved path is what gets accepted)."""
+    from trimode.checkpoint import load_model
+    from trimode.cli import main
+    from trimode.models import resolve_model
+    from trimode.tokenizer import load_tokenizer
+
+    path = resolve_model("bundled")
+    m = load_model(path, dtype=torch.float32)
+    tok = load_tokenizer(path)
+    ids = tok.encode("def f(x):")
+    ar = generate(m, [ids], mode="ar", max_new_tokens=24)[0].tokens
+    FeatureDrafter(m.config, torch.arange(m.config.vocab_size)).save(tmp_path / "fd")
+    NgramStore([ids + ar], vocab_size=m.config.vocab_size).save(tmp_path / "fd")
+    base = ["generate", "--model", "bundled", "--mode", "linear", "--prompt", "def f(x):", "--max-new-tokens", "24",
+            "--json", "--block-len", "5", "--dtype", "float32", "--feature-drafter", str(tmp_path / "fd"),
+            "--drafter", "feature", "--tree-nodes", "6"]
+    runs = {}
+    for flag in ([], ["--no-datastore"]):
+        assert main(base + flag) == 0
+        runs[bool(flag)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert runs[bool(flag)]["tokens"] == ar
+    assert runs[False]["nfe"] < runs[True]["nfe"], runs

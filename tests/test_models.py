@@ -44,6 +44,10 @@ def test_smollm2_converts_once_then_reuses(cache):
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["dlm_type"] == models.smollm2_spec()["config"]["dlm_type"]
     assert (path / "adapters" / "draft" / "adapter_model.safetensors").is_file()
+    if (models.SMOLLM2_ASSET / "feature_drafter" / "datastore.npz").is_file():  # shipped with the drafter
+        assert stamp["datastore_sha256"] == models._sha256(models.SMOLLM2_ASSET / "feature_drafter" / "datastore.npz")
+        m = load_model(path)
+        assert m.feature_drafter.datastore is not None and len(m.feature_drafter.datastore) > 100_000
 
 
 @needs_smollm2
